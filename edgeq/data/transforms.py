@@ -1,0 +1,15 @@
+"""Preprocessing resolved from the model, as timm does it."""
+from __future__ import annotations
+
+from typing import Any
+
+import timm.data
+import torch
+
+
+def data_config(model: torch.nn.Module) -> dict[str, Any]:
+    return timm.data.resolve_model_data_config(model)
+
+
+def eval_transform(config: dict[str, Any]):
+    return timm.data.create_transform(**config, is_training=False)

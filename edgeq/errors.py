@@ -1,0 +1,74 @@
+"""Errors a user can cause, each with its own process exit code.
+
+The CLI turns any :class:`EdgeqError` into one line on stderr and exits with
+``exit_code``; the table in the README is checked against this module by the
+tests, so add a row there when adding a class here.
+"""
+from __future__ import annotations
+
+
+class EdgeqError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+    exit_code = 1
+
+
+class ModelNotFoundError(EdgeqError):
+    exit_code = 10
+
+
+class CheckpointError(EdgeqError):
+    exit_code = 11
+
+
+class WeightsUnavailableError(EdgeqError):
+    exit_code = 12
+
+
+class DataError(EdgeqError):
+    exit_code = 13
+
+
+class ClassCountError(EdgeqError):
+    exit_code = 14
+
+
+def all_error_classes() -> list[type[EdgeqError]]:
+    """Every concrete error class, for documentation and tests."""
+    found: list[type[EdgeqError]] = []
+    pending = [EdgeqError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return sorted(found, key=lambda c: c.exit_code)
+
+
+class BitPlanError(EdgeqError):
+    """A bit plan file or bit spec that is malformed, out of range, or names unknown layers."""
+
+    exit_code = 20
+
+
+class CalibrationError(EdgeqError):
+    """Calibration data unusable: too few images, wrong image size, non-finite activations."""
+
+    exit_code = 21
+
+
+class QuantizedModelError(EdgeqError):
+    """A quantized-model file that is unreadable or does not match the model it claims."""
+
+    exit_code = 22
+
+
+class PlanningError(EdgeqError):
+    """Unknown planning method, malformed budget, or a latency table that does not fit."""
+
+    exit_code = 30
+
+
+class BudgetInfeasibleError(EdgeqError):
+    """No bit plan meets the budget; the message names the smallest feasible budget."""
+
+    exit_code = 31
