@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from edgeq.errors import BitPlanError
+from edgeq.fileio import atomic_write_json
 
 FORMAT_VERSION = 1
 MIN_BITS, MAX_BITS = 2, 8
@@ -124,13 +125,7 @@ def read_plan(path: str | os.PathLike) -> BitPlan:
 
 
 def write_plan(plan: BitPlan, path: str | os.PathLike) -> Path:
-    """Write atomically, so a failed write never leaves a half plan where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    partial.replace(path)
-    return path
+    return atomic_write_json(path, plan.to_json())
 
 
 def resolve_plan(bits: str | None = None, plan_path: str | os.PathLike | None = None) -> BitPlan:

@@ -11,5 +11,8 @@ def data_config(model: torch.nn.Module) -> dict[str, Any]:
     return timm.data.resolve_model_data_config(model)
 
 
+_TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
 def eval_transform(config: dict[str, Any]):
-    return timm.data.create_transform(**config, is_training=False)
+    return timm.data.create_transform(**{k: config[k] for k in _TRANSFORM_KEYS if k in config}, is_training=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,6 +35,22 @@ def _unknown(name: str) -> ModelNotFoundError:
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `edgeq models`"
     return ModelNotFoundError(f"unknown model {name!r}{hint}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """True when pretrained weights can come from the hub, or when the user forces online/offline mode."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True  # the hub client then reads its local cache, and says clearly when a file is missing
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants
+
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def create_model(
@@ -68,6 +85,12 @@ def create_model(
         return model.eval()
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs).eval()
+    if not _hub_reachable():
+        # Without this check the hub client retries for about a minute before failing.
+        raise WeightsUnavailableError(
+            f"pretrained weights for {name} need the network (model hub unreachable and nothing cached); "
+            "pass --checkpoint FILE, or --random-init for random weights"
+        )
     try:
         return timm.create_model(name, pretrained=True, **kwargs).eval()
     except CheckpointError:

@@ -26,7 +26,6 @@ CIFAR10_DATA_CONFIG: dict[str, Any] = {
     "std": (0.2470, 0.2435, 0.2616),
     "crop_pct": 1.0,
     "crop_mode": "center",
-    "num_classes": 10,
 }
 
 
@@ -49,7 +48,7 @@ class ReferenceModel:
     def build(self, **overrides: Any) -> torch.nn.Module:
         """The architecture with random weights; ``overrides`` reach the timm constructor (e.g. drop_path_rate)."""
         model = self.factory(**{**self.arch, **overrides})
-        model.pretrained_cfg = dict(self.data_config, architecture=self.name)
+        model.pretrained_cfg = dict(self.data_config, architecture=self.name, num_classes=model.num_classes)
         return model
 
 

@@ -14,10 +14,7 @@ from edgeq.models.reference import ReferenceModel
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and the JSON-decoded metadata of a safetensors file."""
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-    meta = json.loads(raw["edgeq"]) if "edgeq" in raw else {}
-    return load_file(str(path)), meta
+    return load_file(str(path)), read_weights_metadata(path) or {}
 
 
 def write_reference_weights(
@@ -49,3 +46,13 @@ def write_model_card(
 """
     path.write_text(text)
     return path
+
+
+def read_weights_metadata(path: Path) -> dict[str, Any] | None:
+    """The training metadata stored in a bundled weights file, without reading the tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+        return json.loads(raw["edgeq"]) if "edgeq" in raw else None
+    except Exception:  # an unreadable file is reported as having no metadata; loading it reports why
+        return None

@@ -1,0 +1,135 @@
+"""The ``edgeq`` command line: parse, call one stage, print. Logic lives in the stages."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import click
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator:
+    """A callback ``update(done, total)`` drawing a bar on a terminal and nothing elsewhere (CI logs)."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.console import Console
+
+    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="edgeq")
+def cli() -> None:
+    """Quantize vision transformers with per-layer mixed precision and run them as integer code on edge boards."""
+
+
+@cli.command("models")
+@click.option("--timm", "pattern", metavar="PATTERN", help="Also list timm model names matching PATTERN (e.g. 'deit*').")
+def models_command(pattern: str | None) -> None:
+    """List the bundled reference models, and timm names that --model accepts."""
+    from edgeq.models import list_reference_models
+    from edgeq.models.weights_io import read_weights_metadata
+
+    rows = []
+    for ref in list_reference_models():
+        meta = read_weights_metadata(ref.weights_path) if ref.weights_path.exists() else None
+        if meta is None:
+            weights = "missing"
+        else:
+            weights = f"val top-1 {meta['val_top1']:.2f} % (epoch {meta['epoch']}/{meta['epochs']})"
+        rows.append((ref.name, weights, ref.summary))
+    width = max(len(r[0]) for r in rows)
+    click.echo("Bundled reference models (CIFAR-10, 32x32):")
+    for name, weights, summary in rows:
+        click.echo(f"  {name:<{width}}  {weights}\n  {'':<{width}}  {summary}")
+    click.echo(
+        "\nAny timm model name is accepted too (e.g. deit_tiny_patch16_224, swin_tiny_patch4_window7_224):\n"
+        "pretrained weights are fetched when the network allows, else pass --checkpoint FILE\n"
+        "(.safetensors or .pth) or --random-init."
+    )
+    if pattern:
+        import timm
+
+        names = timm.list_models(pattern)
+        click.echo(f"\ntimm models matching {pattern!r}: {len(names)}")
+        for name in names:
+            click.echo(f"  {name}")
+
+
+def load_model_option(model: str, checkpoint: Path | None, random_init: bool):
+    from edgeq.models import create_model
+
+    return create_model(model, checkpoint=checkpoint, pretrained=not random_init)
+
+
+@cli.command("eval")
+@click.option("--model", "model_name", required=True, help="edgeq/<name> or a timm model name.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights (.safetensors or .pth) to load.")
+@click.option("--random-init", is_flag=True, help="Use random weights (timm models; for latency work).")
+@click.option("--data", required=True, help="ImageFolder folder or .tar/.tar.gz archive (relative paths also tried under $EDGEQ_DATA).")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate a class-balanced subset of N images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, data: str, limit: int | None,
+                 batch_size: int, output: Path | None) -> None:
+    """Top-1/top-5 accuracy of a model on an image folder or archive."""
+    from edgeq.data import balanced_indices, data_config, load_image_folder
+    from edgeq.evaluate import evaluate
+    from edgeq.fileio import atomic_write_json
+
+    model = load_model_option(model_name, checkpoint, random_init)
+    config = data_config(model)
+    dataset = load_image_folder(data, config)
+    indices = balanced_indices(dataset.labels, limit, seed=0) if limit else None
+    with progress_bar("evaluating") as progress:
+        metrics = evaluate(model, dataset, indices, batch_size=batch_size, progress=progress)
+    result = {
+        "model": model_name,
+        **metrics,
+        "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "img_size": config["input_size"][-1],
+        "crop_pct": config["crop_pct"],
+        "interpolation": config["interpolation"],
+        "data": str(data),
+    }
+    click.echo(
+        f"{model_name}: top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  "
+        f"on {result['num_images']} images of {data}"
+    )
+    if output is not None:
+        atomic_write_json(output, result)
+        click.echo(f"results written to {output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and their documented exit code."""
+    try:
+        cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
+    except EdgeqError as exc:
+        click.echo(f"edgeq: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("edgeq: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("edgeq: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

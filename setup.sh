@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv with everything edgeq needs and installs edgeq into it (editable).
+# Safe to rerun: it does nothing when pyproject.toml has not changed since the last run.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+VENV=${EDGEQ_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.edgeq-installed"
+want=$(sha256sum pyproject.toml setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  echo "$want" > "$stamp"
+fi
+echo "edgeq is installed in $VENV (run it as $VENV/bin/edgeq)"

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_image_folder
+from edgeq.cli import main
+from edgeq.errors import all_error_classes
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_reference_models(capsys) -> None:
+    code, out, _ = run_cli(capsys, "models", "--timm", "deit_tiny*")
+    assert code == 0
+    assert "edgeq/vit-cifar10" in out and "edgeq/swin-cifar10" in out
+    assert "deit_tiny_patch16_224" in out
+
+
+def test_eval_writes_timm_style_results(capsys, tiny_folder: Path, tmp_path: Path) -> None:
+    out_file = tmp_path / "results.json"
+    code, out, err = run_cli(capsys, "eval", "--model", "edgeq/vit-cifar10", "--random-init", "--data", str(tiny_folder),
+                             "--limit", "20", "--output", str(out_file))
+    assert code == 0, err
+    result = json.loads(out_file.read_text())
+    assert {"model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size"} <= set(result)
+    assert result["num_images"] == 20 and result["top1"] + result["top1_err"] == pytest.approx(100)
+    assert f"top-1 {result['top1']:.2f} %" in out
+
+
+def _bad_checkpoint(tmp: Path) -> str:
+    path = tmp / "bad.pth"
+    path.write_text("not weights")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--model", "edgeq/vit-cifar1"], 10, "unknown model 'edgeq/vit-cifar1'; did you mean edgeq/vit-cifar10"),
+        (["--model", "edgeq/vit-cifar10", "--checkpoint", "{bad}"], 11, "not a readable PyTorch checkpoint"),
+        (["--model", "edgeq/vit-cifar10", "--random-init", "--data", "{missing}"], 13, "does not exist"),
+        (["--model", "edgeq/vit-cifar10", "--random-init", "--data", "{three_classes}"], 14, "has 3 classes but the model has 10"),
+    ],
+    ids=["unknown-model", "bad-checkpoint", "missing-data", "class-count"],
+)
+def test_eval_bad_input_is_one_line_with_exit_code(capsys, tmp_path: Path, tiny_folder: Path, args, code, message):
+    values = {
+        "bad": _bad_checkpoint(tmp_path),
+        "missing": str(tmp_path / "missing"),
+        "three_classes": str(write_image_folder(tmp_path / "three", ["a", "b", "c"], 2)),
+    }
+    args = [a.format(**values) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(tiny_folder)]
+    previous = tmp_path / "results.json"
+    previous.write_text('{"top1": 99.0}\n')
+    got, out, err = run_cli(capsys, "eval", *args, "--output", str(previous))
+    assert got == code
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert previous.read_text() == '{"top1": 99.0}\n'
+
+
+def test_usage_errors_exit_2(capsys) -> None:
+    code, _, err = run_cli(capsys, "eval", "--model", "edgeq/vit-cifar10", "--data", "x", "--limit", "0")
+    assert code == 2 and "--limit" in err
+
+
+def test_readme_documents_every_exit_code() -> None:
+    readme = (REPO / "README.md").read_text()
+    documented = dict(re.findall(r"^\|\s*(\d+)\s*\|\s*`(\w+)`", readme, flags=re.M))
+    for cls in all_error_classes():
+        if cls.__name__ != "EdgeqError":
+            assert documented.get(str(cls.exit_code)) == cls.__name__, cls.__name__
