@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, default=None, help="default: $EDGEQ_CACHE/train/<model>")
     parser.add_argument("--train-limit", type=int, default=0, help="train on the first N images only (smoke tests)")
     parser.add_argument("--weights-dir", type=Path, default=None, help="where weights and card go (default: edgeq/models/weights)")
+    parser.add_argument("--val-limit", type=int, default=0, help="card accuracy on a balanced subset (smoke tests)")
     parser.add_argument("--card-only", action="store_true", help="only re-measure the shipped weights and rewrite the card")
     parser.add_argument("--max-epochs-this-run", type=int, default=0, help="stop after this many epochs (0: run to the end)")
     return parser.parse_args()
@@ -89,24 +90,25 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return 100.0 * correct / len(images)
 
 
-def card_accuracy(ref, weights_path: Path, data: Path) -> float:
+def card_accuracy(ref, weights_path: Path, data: Path, limit: int = 0) -> dict:
     """Top-1 of the shipped float16 file, through exactly the path `edgeq eval` takes."""
-    from edgeq.data import data_config, load_image_folder
+    from edgeq.data import balanced_indices, data_config, load_image_folder
     from edgeq.evaluate import evaluate
     from edgeq.models import create_model
 
     model = create_model(ref.name, checkpoint=weights_path)
-    return evaluate(model, load_image_folder(data / "cifar10" / "val.tar.gz", data_config(model)))["top1"]
+    dataset = load_image_folder(data / "cifar10" / "val.tar.gz", data_config(model))
+    return evaluate(model, dataset, balanced_indices(dataset.labels, limit) if limit else None)
 
 
 def write_card_only(args: argparse.Namespace) -> None:
     ref = REFERENCE_MODELS[args.model]
     weights_path = (args.weights_dir or ref.weights_path.parent) / ref.weights_path.name
     _, meta = read_weights(weights_path)
-    top1 = card_accuracy(ref, weights_path, Path(args.data))
-    write_model_card(weights_path.with_suffix(".md"), ref, top1, int(meta["epoch"]), int(meta["epochs"]),
-                     int(meta["seed"]), meta["command"])
-    print(json.dumps({"model": ref.name, "epoch": meta["epoch"], "card_top1": top1}))
+    measured = card_accuracy(ref, weights_path, Path(args.data), args.val_limit)
+    write_model_card(weights_path.with_suffix(".md"), ref, measured["top1"], measured["num_images"],
+                     int(meta["epoch"]), int(meta["epochs"]), int(meta["seed"]), meta["command"])
+    print(json.dumps({"model": ref.name, "epoch": meta["epoch"], "card_top1": measured["top1"]}))
 
 
 def main() -> None:
@@ -131,6 +133,11 @@ def main() -> None:
     train_y, val_y = torch.from_numpy(train_y), torch.from_numpy(val_y)
     if args.train_limit:
         train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
+    if args.val_limit:
+        from edgeq.data import balanced_indices
+
+        keep = torch.tensor(balanced_indices(val_y.tolist(), args.val_limit))
+        val_x, val_y = val_x[keep], val_y[keep]
     weights_path = (args.weights_dir or ref.weights_path.parent) / ref.weights_path.name
 
     model = ref.build(drop_path_rate=args.drop_path).to(device)
@@ -196,8 +203,9 @@ def main() -> None:
         command = "python tools/train_reference.py " + " ".join(sys.argv[1:])
         path = write_reference_weights(weights_path, ref, model.state_dict(), epoch=epoch + 1, epochs=args.epochs,
                                        val_top1=top1, seed=args.seed, command=command)
-        shipped_top1 = card_accuracy(ref, path, data)
-        write_model_card(path.with_suffix(".md"), ref, shipped_top1, epoch + 1, args.epochs, args.seed, command)
+        measured = card_accuracy(ref, path, data, args.val_limit)
+        write_model_card(path.with_suffix(".md"), ref, measured["top1"], measured["num_images"],
+                         epoch + 1, args.epochs, args.seed, command)
         epochs_run += 1
         if args.max_epochs_this_run and epochs_run >= args.max_epochs_this_run:
             break

@@ -30,7 +30,8 @@ def write_reference_weights(
 
 
 def write_model_card(
-    path: Path, ref: ReferenceModel, val_top1: float, epoch: int, epochs: int, seed: int, command: str
+    path: Path, ref: ReferenceModel, val_top1: float, num_images: int, epoch: int, epochs: int, seed: int,
+    command: str,
 ) -> Path:
     finished = "finished" if epoch >= epochs else f"in training: epoch {epoch} of {epochs}"
     text = f"""# {ref.name}
@@ -39,7 +40,7 @@ def write_model_card(
 
 - Trained from scratch on CIFAR-10 train (`../shared/data/cifar10/train.tar.gz`, 50,000 images) by
   `tools/train_reference.py`, seed {seed}; {finished}.
-- **Validation top-1: {val_top1:.2f} %** on `../shared/data/cifar10/val.tar.gz` (5,000 images), measured on the
+- **Validation top-1: {val_top1:.2f} %** on `../shared/data/cifar10/val.tar.gz` ({num_images:,} images), measured on the
   float16 weights stored in `{path.with_suffix('.safetensors').name}`, with the preprocessing `edgeq eval` uses.
 - Reproduce the figure: `edgeq eval --model {ref.name} --data ../shared/data/cifar10/val.tar.gz`
 - Training command: `{command}`
