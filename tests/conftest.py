@@ -45,3 +45,56 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "shared_cache: use the user's edgeq cache (for the large shared data sets)")
+
+
+# --- quantization tests (tests/test_quant_*.py) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module: its many small tensor ops run faster without thread hand-off."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build_reference(name: str, seed: int = 0, **overrides):
+    """A reference architecture with seeded random weights, in eval mode."""
+    import torch
+
+    from edgeq.models.reference import REFERENCE_MODELS
+
+    torch.manual_seed(seed)
+    return REFERENCE_MODELS[name].build(**overrides).eval()
+
+
+@pytest.fixture(scope="session")
+def build():
+    """``build(name, seed=0, **overrides)``: see ``build_reference``."""
+    return build_reference
+
+
+@pytest.fixture(scope="session")
+def vit_model():
+    return build_reference("edgeq/vit-cifar10")
+
+
+@pytest.fixture(scope="session")
+def swin_model():
+    return build_reference("edgeq/swin-cifar10")
+
+
+@pytest.fixture(scope="session")
+def calib_images():
+    import torch
+
+    return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def test_images():
+    import torch
+
+    return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
