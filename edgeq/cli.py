@@ -68,6 +68,23 @@ def models_command(pattern: str | None) -> None:
             click.echo(f"  {name}")
 
 
+@cli.command("targets")
+@click.argument("name", required=False)
+def targets_command(name: str | None) -> None:
+    """List the boards edgeq knows, or show one (NAME: a board, TVM tag or JSON target)."""
+    import json
+
+    from edgeq.targets import list_targets, load_target
+
+    if name is None:
+        for known in list_targets():
+            spec = load_target(known)
+            click.echo(f"  {known:<18} {spec.description}")
+        click.echo("\n--target also takes a TVM tag (e.g. arm/rasp4b64) or a JSON target for boards not listed.")
+        return
+    click.echo(json.dumps(load_target(name).summary(), indent=2))
+
+
 def load_model_option(model: str, checkpoint: Path | None, random_init: bool):
     from edgeq.models import create_model
 

@@ -33,15 +33,34 @@ class ClassCountError(EdgeqError):
     exit_code = 14
 
 
-def all_error_classes() -> list[type[EdgeqError]]:
-    """Every concrete error class, for documentation and tests."""
-    found: list[type[EdgeqError]] = []
-    pending = [EdgeqError]
-    while pending:
-        cls = pending.pop()
-        found.append(cls)
-        pending.extend(cls.__subclasses__())
-    return sorted(found, key=lambda c: c.exit_code)
+class TargetError(EdgeqError):
+    """Unknown board name, malformed target YAML or JSON, or a target TVM refuses (known boards are listed)."""
+
+    exit_code = 60
+
+
+class ToolchainMissingError(EdgeqError):
+    """The cross compiler (or qemu, apt, dpkg for the emulated board) is missing or broken; the Debian package is named."""
+
+    exit_code = 61
+
+
+class RemoteUnreachableError(EdgeqError):
+    """No RPC server or tracker answers at the address given, or the tracker has no board with that key."""
+
+    exit_code = 70
+
+
+class RemoteRunError(EdgeqError):
+    """The board was reached but died or dropped the session while loading or running a module."""
+
+    exit_code = 71
+
+
+class ArtifactTargetMismatchError(EdgeqError):
+    """The library was built for another architecture or device than the board has."""
+
+    exit_code = 72
 
 
 class BitPlanError(EdgeqError):
@@ -72,3 +91,14 @@ class BudgetInfeasibleError(EdgeqError):
     """No bit plan meets the budget; the message names the smallest feasible budget."""
 
     exit_code = 31
+
+
+def all_error_classes() -> list[type[EdgeqError]]:
+    """Every concrete error class, for documentation and tests."""
+    found: list[type[EdgeqError]] = []
+    pending = [EdgeqError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return sorted(found, key=lambda c: c.exit_code)

@@ -45,6 +45,7 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "shared_cache: use the user's edgeq cache (for the large shared data sets)")
+    config.addinivalue_line("markers", "board: needs the emulated aarch64 board (qemu; builds a ~500 MB sysroot once)")
 
 
 # --- quantization tests (tests/test_quant_*.py) ---------------------------------------------------

@@ -84,3 +84,10 @@ def test_readme_documents_every_exit_code() -> None:
     for cls in all_error_classes():
         if cls.__name__ != "EdgeqError":
             assert documented.get(str(cls.exit_code)) == cls.__name__, cls.__name__
+
+
+def test_targets_list_and_unknown(capsys) -> None:
+    code, out, _ = run_cli(capsys, "targets")
+    assert code == 0 and "rasp4 " in out and "jetson-orin-nano" in out
+    code, _, err = run_cli(capsys, "targets", "rasp9")
+    assert code == 60 and "known boards: host" in err and len(err.strip().splitlines()) == 1

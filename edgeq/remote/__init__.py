@@ -1,0 +1,8 @@
+"""Boards over TVM RPC.
+
+- :mod:`edgeq.remote.session`: connect (``--rpc`` or tracker + key), upload, load, run in a Relax VM, board info
+- :mod:`edgeq.remote.local`: RPC servers and trackers as local processes (loopback)
+- :mod:`edgeq.remote.emulated`: the emulated aarch64 board (qemu-user + Debian arm64 sysroot)
+
+Nothing here imports TVM until a function needs it.
+"""
