@@ -13,8 +13,10 @@ fi
 stamp="$VENV/.edgeq-installed"
 want=$(sha256sum pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  # pip's notes about configured-but-absent local package folders are noise here (pipefail keeps its status).
+  quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | quiet
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | quiet
   echo "$want" > "$stamp"
 fi
 # Cross compilers for the boards, and qemu for the emulated aarch64 board (Debian packages; skipped when present).

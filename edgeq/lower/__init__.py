@@ -1,0 +1,1 @@
+"""Lowering of quantized models to integer TVM code (Relax + scheduled TIR kernels)."""

@@ -1,0 +1,365 @@
+"""Integer attention kernels: ``q @ k^T`` (int32 scores) and ``p @ v`` with log2-quantized probabilities.
+
+Semantics: :func:`edgeq.lower.kernels.reference.qmatmul_qk` and :func:`~.reference.log2_av`, bit for bit.
+
+``qk_kernel`` PrimFunc: ``f(q[H,T,D], k[H,S,D], out[H,T,S] int32)``. It reuses the GEMM micro-kernels of
+:mod:`.micro`: ``k`` is packed into weight-like panels at run time (one ``nb x D`` panel per task), zero
+points enter as row/column-sum corrections, so the inner loop multiplies raw int8 values::
+
+    sum_d (q - qz)(k - kz) = sum_d q'k' - kz' * sum_d q' - qz' * sum_d k' + D qz' kz'
+
+(``q' = q - 128`` and ``qz' = qz - 128`` for uint8 inputs, else unchanged; all modulo 2**32).
+
+``log2_av_kernel`` PrimFunc: ``f(p_code[H,T,S] uint8, v[H,S,D], out[H,T,D] int32)``: ``v`` is turned into
+``(v - v_zp) << base_shift`` once, then every probability is an arithmetic right shift of a whole
+``D``-vector (``vpsrad``/``sshl`` with one shift amount per (t, s)), masked out for zero codes. No multiply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.s_tir import Schedule
+
+from . import reference as ref
+from .micro import Microkernel, as_target, ceil_div, select_microkernel
+from .qlinear import lanes, pack_group, parallel, root_blocks, signed_value, step_expr, vectorize
+
+__all__ = ["AttentionKernel", "qk_kernel", "log2_av_kernel"]
+
+
+@dataclass
+class AttentionKernel:
+    func: tirx.PrimFunc
+    name: str
+    in_shapes: tuple[tuple[int, ...], ...]
+    in_dtypes: tuple[str, ...]
+    out_shape: tuple[int, ...]
+    out_dtype: str
+    micro: Microkernel
+
+
+def _zp_eff(zp: int, dtype: str) -> int:
+    return int(zp) - (128 if dtype == "uint8" else 0)
+
+
+def qk_kernel(h: int, t: int, s: int, d: int, target, *, q_dtype: str = "int8", k_dtype: str = "int8",
+              q_zp: int = 0, k_zp: int = 0, family: str | None = None, name: str | None = None,
+              num_tasks: int | None = None) -> AttentionKernel:
+    """Scheduled PrimFunc for integer scores ``[H,T,D] x [H,S,D] -> int32 [H,T,S]``."""
+    for dt, zp, what in ((q_dtype, q_zp, "q"), (k_dtype, k_zp, "k")):
+        if dt not in ("int8", "uint8"):
+            raise ValueError(f"{what} dtype must be int8 or uint8, not {dt!r}")
+        info = np.iinfo(dt)
+        if not info.min <= zp <= info.max:
+            raise ValueError(f"{what}_zp {zp} outside {dt}")
+    tgt = as_target(target)
+    micro = select_microkernel(tgt, family)
+    if micro.act_unsigned or micro.ksub > 1:
+        raise ValueError(f"family {micro.family} is for int4 weights; q @ k^T needs a signed int8 micro-kernel")
+    func = _qk_func(h, t, s, d, micro, q_dtype, k_dtype, _zp_eff(q_zp, q_dtype), _zp_eff(k_zp, k_dtype))
+    if micro.family == "cuda":
+        func = _schedule_qk_gpu(func, micro)
+    else:
+        cores = int(tgt.attrs.get("num-cores", 0) or 0)
+        func = _schedule_qk_cpu(func, micro, num_tasks or max(8, 4 * cores))
+    name = name or f"edgeq_qk_{micro.family}_h{h}t{t}s{s}d{d}_{q_dtype}z{q_zp}_{k_dtype}z{k_zp}".replace("-", "m")
+    func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    return AttentionKernel(func, name, ((h, t, d), (h, s, d)), (q_dtype, k_dtype), (h, t, s), "int32", micro)
+
+
+def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.PrimFunc:
+    kg, nb, vl, mr = micro.kg, micro.nb, micro.vl, micro.mr
+    Tp = ceil_div(TQ, mr) * mr
+    KG = ceil_div(D, kg)
+    NBLK = ceil_div(S, nb)
+    LW = nb * kg
+    J = nb // vl
+    LV = vl * kg
+    a_dtype, lane_dtype = micro.a_dtype, micro.lane_dtype
+    corrected = qz != 0 or kz != 0
+    const_term = D * qz * kz
+
+    def a_value(Q, vh, vm, vg):
+        vals = []
+        for tt in range(kg):
+            kk = vg * kg + tt
+            load = Q[vh, tirx.min(vm, TQ - 1), tirx.min(kk, D - 1)]
+            vals.append(tirx.if_then_else(tirx.all(vm < TQ, kk < D), signed_value(load, q_dtype), 0))
+        return pack_group(vals, micro)
+
+    def panel_value(K, vh, vb, vg, vl_):
+        row = vb * nb + tirx.floordiv(vl_, kg)
+        col = vg * kg + tirx.floormod(vl_, kg)
+        load = K[vh, tirx.min(row, S - 1), tirx.min(col, D - 1)]
+        return tirx.Cast(lane_dtype, tirx.if_then_else(tirx.all(row < S, col < D), signed_value(load, k_dtype), 0))
+
+    def step(acc, a, w):
+        return step_expr(micro, acc, a, w)
+
+    def init_value(RQ, RK, vh, vm, vb, vj):
+        """Accumulator start: 0, or the zero-point corrections (so the epilogue is a plain copy)."""
+        if not corrected:
+            return tirx.Broadcast(tirx.const(0, "int32"), vl) if vl > 1 else tirx.const(0, "int32")
+        rk = RK[vh, lanes(vb * nb + vj * vl, vl)]
+        rq = tirx.Broadcast(RQ[vh, vm], vl) if vl > 1 else RQ[vh, vm]
+        c = tirx.Broadcast(tirx.const(const_term, "int32"), vl) if vl > 1 else tirx.const(const_term, "int32")
+        return c - rq * kz - rk * qz
+
+    def row_value(X, dtype, rows, vh, vr, vd):
+        return tirx.if_then_else(vr < rows, signed_value(X[vh, tirx.min(vr, rows - 1), vd], dtype), 0)
+
+    @T.prim_func(s_tir=True)
+    def func(Q: T.Buffer((H, TQ, D), q_dtype), K: T.Buffer((H, S, D), k_dtype), O: T.Buffer((H, TQ, S), "int32")):
+        T.func_attr({"tirx.noalias": True})
+        A = T.sblock_alloc_buffer((H, Tp, KG), a_dtype)
+        P = T.sblock_alloc_buffer((H, NBLK, KG, LW), lane_dtype)
+        C = T.sblock_alloc_buffer((H, Tp, NBLK, nb), "int32")
+        RQ = T.sblock_alloc_buffer((H, Tp), "int32")
+        RK = T.sblock_alloc_buffer((H, NBLK * nb), "int32")
+        for hh, m, g in T.grid(H, Tp, KG):
+            with T.sblock("A"):
+                vh, vm, vg = T.axis.remap("SSS", [hh, m, g])
+                T.reads(Q[vh, 0:TQ, 0:D])
+                T.writes(A[vh, vm, vg])
+                A[vh, vm, vg] = a_value(Q, vh, vm, vg)
+        if corrected:
+            for hh, i, dd in T.grid(H, Tp, D):
+                with T.sblock("RQ"):
+                    vh, vi, vd = T.axis.remap("SSR", [hh, i, dd])
+                    T.reads(Q[vh, 0:TQ, vd])
+                    T.writes(RQ[vh, vi])
+                    with T.init():
+                        RQ[vh, vi] = 0
+                    RQ[vh, vi] = RQ[vh, vi] + row_value(Q, q_dtype, TQ, vh, vi, vd)
+            for hh, j, dd in T.grid(H, NBLK * nb, D):
+                with T.sblock("RK"):
+                    vh, vj, vd = T.axis.remap("SSR", [hh, j, dd])
+                    T.reads(K[vh, 0:S, vd])
+                    T.writes(RK[vh, vj])
+                    with T.init():
+                        RK[vh, vj] = 0
+                    RK[vh, vj] = RK[vh, vj] + row_value(K, k_dtype, S, vh, vj, vd)
+        for hh, b, g, l in T.grid(H, NBLK, KG, LW):
+            with T.sblock("P"):
+                vh, vb, vg, vl_ = T.axis.remap("SSSS", [hh, b, g, l])
+                T.reads(K[vh, 0:S, 0:D])
+                T.writes(P[vh, vb, vg, vl_])
+                P[vh, vb, vg, vl_] = panel_value(K, vh, vb, vg, vl_)
+        for hh, m, b, j, g in T.grid(H, Tp, NBLK, J, KG):
+            with T.sblock("C"):
+                vh, vm, vb, vj, vg = T.axis.remap("SSSSR", [hh, m, b, j, g])
+                T.reads(A[vh, vm, vg], P[vh, vb, vg, vj * LV: vj * LV + LV], RQ[vh, vm],
+                        RK[vh, vb * nb + vj * vl: vb * nb + vj * vl + vl])
+                T.writes(C[vh, vm, vb, vj * vl: vj * vl + vl])
+                with T.init():
+                    C[vh, vm, vb, lanes(vj * vl, vl)] = init_value(RQ, RK, vh, vm, vb, vj)
+                C[vh, vm, vb, lanes(vj * vl, vl)] = step(C[vh, vm, vb, lanes(vj * vl, vl)], A[vh, vm, vg],
+                                                         P[vh, vb, vg, lanes(vj * LV, LV)])
+        for hh, i, j in T.grid(H, TQ, S):
+            with T.sblock("O"):
+                vh, vi, vj = T.axis.remap("SSS", [hh, i, j])
+                O[vh, vi, vj] = C[vh, vi, vj // nb, vj % nb]
+
+    return func
+
+
+def _schedule_qk_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    blocks = root_blocks(sch)
+    b_a, b_p, b_c, b_o = blocks["A"], blocks["P"], blocks["C"], blocks["O"]
+    hh, m, b, j, g = sch.get_loops(b_c)
+    mo, mi = sch.split(m, [None, micro.mr])
+    sch.reorder(hh, b, mo, g, mi, j)
+    task = sch.fuse(hh, b)
+    parallel(sch, task)
+    sch.set_scope(b_c, 0, "local")
+    sch.compute_at(b_p, task)
+    vectorize(sch, sch.get_loops(b_p)[-1])
+    sch.reverse_compute_at(b_o, mo)
+    sch.decompose_reduction(b_c, g)
+    sch.unroll(mi)
+    sch.unroll(j)
+    vectorize(sch, sch.get_loops(b_o)[-1])
+    parallel(sch, sch.get_loops(b_a)[0])
+    for name in ("RQ", "RK"):
+        if name in blocks:
+            parallel(sch, sch.get_loops(blocks[name])[0])
+    return sch.mod["main"]
+
+
+def _schedule_qk_gpu(func: tirx.PrimFunc, micro: Microkernel) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    blocks = root_blocks(sch)
+    for name in ("A", "P", "RQ", "RK"):
+        if name not in blocks:
+            continue
+        blk = blocks[name]
+        loops = sch.get_loops(blk)
+        spatial = loops[:-1] if name in ("RQ", "RK") else loops
+        fused = sch.fuse(*spatial)
+        bx, tx = sch.split(fused, [None, 128])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    b_c, b_o = blocks["C"], blocks["O"]
+    hh, m, b, j, g = sch.get_loops(b_c)
+    mo, mi = sch.split(m, [None, micro.mr])
+    sch.reorder(hh, mo, b, mi, j, g)
+    sch.bind(sch.fuse(hh, mo), "blockIdx.y")
+    sch.bind(b, "blockIdx.x")
+    sch.bind(mi, "threadIdx.y")
+    sch.bind(j, "threadIdx.x")
+    sch.set_scope(b_c, 0, "local")
+    sch.reverse_compute_at(b_o, j)
+    sch.decompose_reduction(b_c, g)
+    return sch.mod["main"]
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "int8", v_zp: int = 0,
+                   base_shift: int = 15, zero_code: int = 255, family: str | None = None,
+                   name: str | None = None, rows: int | None = None, d_vectors: int | None = None) -> AttentionKernel:
+    """Scheduled PrimFunc for ``p_code[H,T,S] uint8, v[H,S,D] -> int32 [H,T,D]`` (shifts, no multiplies).
+
+    CPU schedule: ``rows`` output rows x ``d_vectors`` int32 vectors of accumulators stay in registers while
+    the loop over ``S`` broadcasts each code's shift amount and zero mask over whole vectors of ``v``.
+    """
+    if v_dtype not in ("int8", "uint8"):
+        raise ValueError(f"v dtype must be int8 or uint8, not {v_dtype!r}")
+    info = np.iinfo(v_dtype)
+    if not info.min <= v_zp <= info.max:
+        raise ValueError(f"v_zp {v_zp} outside {v_dtype}")
+    if not 0 <= base_shift <= ref.MAX_BASE_SHIFT:
+        raise ValueError(f"base_shift must be in 0..{ref.MAX_BASE_SHIFT}")
+    if not 0 <= zero_code <= 256:
+        raise ValueError("zero_code must be in 0..256")
+    tgt = as_target(target)
+    micro = select_microkernel(tgt, family)
+    if micro.family == "cuda":
+        func = _schedule_av_gpu(_log2_av_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code))
+    else:
+        vl = {"x86_avx2": 8, "arm_neon": 4, "arm_dotprod": 4}.get(micro.family, 8)
+        many_registers = micro.family in ("arm_neon", "arm_dotprod")  # 32 vector registers
+        rows = rows or 2
+        d_vectors = d_vectors or (8 if many_registers else 4)
+        func = _log2_av_vector_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, vl, rows)
+        func = _schedule_av_vector(func, rows, d_vectors)
+    name = name or (f"edgeq_log2av_{micro.family}_h{h}t{t}s{s}d{d}_{v_dtype}z{v_zp}_S{base_shift}_zc{zero_code}"
+                    .replace("-", "m"))
+    func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    return AttentionKernel(func, name, ((h, t, s), (h, s, d)), ("uint8", v_dtype), (h, t, d), "int32", micro)
+
+
+def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, rows) -> tirx.PrimFunc:
+    """Vector-granular log2 ``p @ v``: one block step adds ``vl`` lanes of one (t, s) term."""
+    Tp = ceil_div(TQ, rows) * rows
+    DV = ceil_div(D, vl)
+    Dp = DV * vl
+
+    def shifted_v(V, vh, vs, vd):
+        val = tirx.shift_left(tirx.Cast("int32", V[vh, vs, tirx.min(vd, D - 1)]) - v_zp, base_shift)
+        return tirx.if_then_else(vd < D, val, 0)
+
+    def step(acc, Pc, VS, vh, vt, vs, vj):
+        code = tirx.Cast("int32", Pc[vh, tirx.min(vt, TQ - 1), vs])
+        amount = tirx.Broadcast(tirx.min(code, 31), vl)
+        mask = tirx.Broadcast(tirx.Cast("int32", code < zero_code) * -1, vl)
+        vec = VS[vh, vs, tirx.Ramp(vj * vl, 1, vl)]
+        return acc + tirx.bitwise_and(tirx.shift_right(vec, amount), mask)
+
+    @T.prim_func(s_tir=True)
+    def func(Pc: T.Buffer((H, TQ, S), "uint8"), V: T.Buffer((H, S, D), v_dtype), O: T.Buffer((H, TQ, D), "int32")):
+        T.func_attr({"tirx.noalias": True})
+        VS = T.sblock_alloc_buffer((H, S, Dp), "int32")
+        C = T.sblock_alloc_buffer((H, Tp, Dp), "int32")
+        for hh, ss, dd in T.grid(H, S, Dp):
+            with T.sblock("VS"):
+                vh, vs, vd = T.axis.remap("SSS", [hh, ss, dd])
+                T.reads(V[vh, vs, 0:D])
+                T.writes(VS[vh, vs, vd])
+                VS[vh, vs, vd] = shifted_v(V, vh, vs, vd)
+        for hh, tt, j, ss in T.grid(H, Tp, DV, S):
+            with T.sblock("C"):
+                vh, vt, vj, vs = T.axis.remap("SSSR", [hh, tt, j, ss])
+                T.reads(Pc[vh, 0:TQ, vs], VS[vh, vs, vj * vl: vj * vl + vl])
+                T.writes(C[vh, vt, vj * vl: vj * vl + vl])
+                with T.init():
+                    C[vh, vt, T.ramp(vj * vl, 1, vl)] = T.broadcast(T.int32(0), vl)
+                C[vh, vt, T.ramp(vj * vl, 1, vl)] = step(C[vh, vt, T.ramp(vj * vl, 1, vl)], Pc, VS, vh, vt, vs, vj)
+        for hh, tt, dd in T.grid(H, TQ, D):
+            with T.sblock("O"):
+                vh, vt, vd = T.axis.remap("SSS", [hh, tt, dd])
+                O[vh, vt, vd] = C[vh, vt, vd]
+
+    return func
+
+
+def _schedule_av_vector(func: tirx.PrimFunc, rows: int, d_vectors: int) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    blocks = root_blocks(sch)
+    b_vs, b_c, b_o = blocks["VS"], blocks["C"], blocks["O"]
+    hh, tt, j, ss = sch.get_loops(b_c)
+    t_o, t_i = sch.split(tt, [None, rows])
+    dv = int(sch.get(j).extent)
+    j_o, j_i = sch.split(j, [None, min(d_vectors, dv)])
+    sch.reorder(hh, t_o, j_o, ss, t_i, j_i)
+    task = sch.fuse(hh, t_o)
+    parallel(sch, task)
+    sch.set_scope(b_c, 0, "local")
+    sch.reverse_compute_at(b_o, j_o)
+    sch.decompose_reduction(b_c, ss)
+    sch.unroll(t_i)
+    sch.unroll(j_i)
+    vectorize(sch, sch.get_loops(b_o)[-1])
+    vs_loops = sch.get_loops(b_vs)
+    parallel(sch, vs_loops[0])
+    vectorize(sch, vs_loops[-1])
+    return sch.mod["main"]
+
+
+def _log2_av_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code) -> tirx.PrimFunc:
+    def shifted_v(V, vh, vs, vd):
+        return tirx.shift_left(tirx.Cast("int32", V[vh, vs, vd]) - v_zp, base_shift)
+
+    def term(Pc, VS, vh, vt, vs, vd):
+        code = tirx.Cast("int32", Pc[vh, vt, vs])
+        shifted = tirx.shift_right(VS[vh, vs, vd], tirx.min(code, 31))
+        return tirx.if_then_else(code < zero_code, shifted, 0)
+
+    @T.prim_func(s_tir=True)
+    def func(Pc: T.Buffer((H, TQ, S), "uint8"), V: T.Buffer((H, S, D), v_dtype), O: T.Buffer((H, TQ, D), "int32")):
+        T.func_attr({"tirx.noalias": True})
+        VS = T.sblock_alloc_buffer((H, S, D), "int32")
+        for hh, ss, dd in T.grid(H, S, D):
+            with T.sblock("VS"):
+                vh, vs, vd = T.axis.remap("SSS", [hh, ss, dd])
+                VS[vh, vs, vd] = shifted_v(V, vh, vs, vd)
+        for hh, tt, dd, ss in T.grid(H, TQ, D, S):
+            with T.sblock("AV"):
+                vh, vt, vd, vs = T.axis.remap("SSSR", [hh, tt, dd, ss])
+                with T.init():
+                    O[vh, vt, vd] = 0
+                O[vh, vt, vd] = O[vh, vt, vd] + term(Pc, VS, vh, vt, vs, vd)
+
+    return func
+
+
+def _schedule_av_gpu(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    blocks = root_blocks(sch)
+    b_vs, b_av = blocks["VS"], blocks["AV"]
+    fused = sch.fuse(*sch.get_loops(b_vs))
+    bx, tx = sch.split(fused, [None, 128])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    hh, tt, dd, ss = sch.get_loops(b_av)
+    sch.bind(sch.fuse(hh, tt), "blockIdx.x")
+    sch.bind(dd, "threadIdx.x")
+    acc = sch.cache_write(b_av, 0, "local")
+    sch.reverse_compute_at(acc, dd)
+    sch.decompose_reduction(b_av, ss)
+    return sch.mod["main"]

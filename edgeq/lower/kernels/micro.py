@@ -1,0 +1,195 @@
+"""Target families, their integer micro-kernels, and the weight layouts they read.
+
+All GEMM-like kernels here share one structure (see :mod:`edgeq.lower.kernels.qlinear`):
+
+* activations are turned into signed int8 values (``uint8`` inputs: ``x - 128``, the zero point moves
+  by the same 128, which keeps ``x - zp`` unchanged) and packed ``kg`` consecutive ``k`` per *group*
+  into one scalar ``A[m, g]`` (``kg`` lanes of ``lane_bits`` bits each);
+* weights are laid out in *panels* of ``nb`` output channels: ``P[nb_i, g, n_l * kg + t]`` holds
+  ``w[nb_i * nb + n_l, g * kg + t]`` (zero padded in N and K);
+* one micro-kernel step adds, for one row ``m``, one group ``g`` and ``vl`` output channels, the
+  ``kg``-long dot products into an ``int32 x vl`` accumulator vector:
+
+  ============  ==  ==  =====  ==========================================================================
+  family        kg  vl  lane   instruction pattern
+  ============  ==  ==  =====  ==========================================================================
+  x86_avx2      2   8   int16  ``vpbroadcastd`` of a (x[k], x[k+1]) int16 pair, ``vpmaddwd``, ``vpaddd``
+  arm_neon      2   4   int8   ``dup`` of the (x[k], x[k+1]) int8 pair, ``smull`` (8x int16) and
+                                ``sadalp`` (pairwise widening accumulate into 4x int32)
+  arm_dotprod   4   4   int8   ``dup`` of 4 int8, ``sdot``
+  x86_avx2_u8s8 16  8   int8   int4 weights only: 4x (``vpmaddubsw`` of uint8 activations x int8 weights,
+                                ``vpaddw``), one ``vpmaddwd`` by ones: exact as int4 keeps int16 sums < 2**15
+  generic       1   8   int8   plain widening multiply-add vectors (LLVM picks the instructions)
+  cuda          4   1   int8   ``__dp4a`` per output element
+  ============  ==  ==  =====  ==========================================================================
+
+  All of them are exact: no int16 saturation anywhere. AVX2's ``vpmaddubsw`` saturates int16 pair sums for
+  full-range int8 weights (255*127*2 > 2**15; onnxruntime's MLAS u8s8 path is inexact there), so int8
+  weights are widened to int16 for ``vpmaddwd``; only int4 weights use ``vpmaddubsw``.
+
+The family comes from the TVM target (:func:`select_microkernel`): ``kind`` cuda -> ``cuda``;
+an aarch64 ``mtriple`` -> ``arm_dotprod`` when LLVM reports the ``dotprod`` feature for the target's
+``mcpu``/``mattr`` (e.g. ``"mattr": ["+neon", "+dotprod"]`` or ``"mcpu": "cortex-a76"``), else
+``arm_neon`` (Cortex-A72); x86 with AVX2 -> ``x86_avx2``; anything else -> ``generic``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import tirx
+
+__all__ = ["Microkernel", "MICROKERNELS", "as_target", "select_microkernel", "pack_weight_panels"]
+
+
+@dataclass(frozen=True)
+class Microkernel:
+    family: str
+    kg: int  # consecutive k per packed activation group / per weight lane group
+    vl: int  # int32 accumulator lanes of one step
+    nb: int  # output channels per weight panel (a multiple of vl)
+    mr: int  # activation rows held in registers
+    lane_dtype: str  # dtype of one unpacked weight lane in a panel
+    lane_bits: int  # bits of one activation element inside a packed group
+    a_dtype: str  # dtype of a packed activation (sub)group
+    ksub: int = 1  # activation scalars per step (each holds kg // ksub elements)
+    act_unsigned: bool = False  # activations enter as uint8 (x + 128 for int8) instead of int8
+
+    @property
+    def sub_kg(self) -> int:
+        return self.kg // self.ksub
+
+    def act_offset(self, x_dtype: str) -> int:
+        """What the kernel adds to an ``x_dtype`` activation before multiplying (and to its zero point)."""
+        if self.act_unsigned:
+            return 128 if x_dtype == "int8" else 0
+        return -128 if x_dtype == "uint8" else 0
+
+    def lane_nk(self, lane):
+        """(channel within the panel, k within the group) held by panel lane ``lane`` (int or TIR expr).
+
+        Plain layout: ``lane = n * kg + k``. With ``ksub > 1`` every (vector j, sub-step i) reads
+        ``vl x sub_kg`` contiguous lanes: ``lane = ((j * ksub + i) * vl + n_in_vector) * sub_kg + t``.
+        """
+        if self.ksub == 1:
+            return lane // self.kg, lane % self.kg
+        t = lane % self.sub_kg
+        n8 = (lane // self.sub_kg) % self.vl
+        i = (lane // (self.sub_kg * self.vl)) % self.ksub
+        j = lane // (self.sub_kg * self.vl * self.ksub)
+        return j * self.vl + n8, i * self.sub_kg + t
+
+    def step(self, acc, a, w):
+        """``acc + dot(a, w)`` for one step: acc int32 x vl, ``a`` the ``ksub`` activation scalars of the
+        group (a single scalar when ksub == 1), w lane_dtype x (vl*kg)."""
+        vl = self.vl
+        if self.family == "x86_avx2_u8s8":
+            # uint8 x int8 byte pairs -> int16 (vpmaddubsw), ksub of them summed in int16 (vpaddw), then
+            # widened and pair-summed into int32 by vpmaddwd with ones. Exact only while every int16 lane
+            # stays below 2**15: int4 weights give |pair| <= 255 * 16 and 4 sub-steps <= 16320.
+            width = vl * self.sub_kg
+            acc16 = None
+            for i, ai in enumerate(a):
+                av = tirx.reinterpret(f"uint8x{width}", tirx.Broadcast(ai, vl))
+                wi = tirx.Shuffle([w], [tirx.const(i * width + e, "int32") for e in range(width)])
+                prod = tirx.call_llvm_pure_intrin(f"int16x{width // 2}", "llvm.x86.avx2.pmadd.ub.sw", av, wi)
+                acc16 = prod if acc16 is None else acc16 + prod
+            ones = tirx.Broadcast(tirx.const(1, "int16"), width // 2)
+            return acc + tirx.call_llvm_pure_intrin(f"int32x{vl}", "llvm.x86.avx2.pmadd.wd", acc16, ones)
+        if isinstance(a, (list, tuple)):
+            (a,) = a
+        if self.family == "x86_avx2":
+            av = tirx.reinterpret(f"int16x{2 * vl}", tirx.Broadcast(a, vl))
+            return acc + tirx.call_llvm_pure_intrin(f"int32x{vl}", "llvm.x86.avx2.pmadd.wd", av, w)
+        if self.family == "arm_neon":
+            av = tirx.reinterpret("int8x8", tirx.Broadcast(a, 4))
+            prod = tirx.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16", av, w)
+            return acc + tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", prod)
+        if self.family == "arm_dotprod":
+            av = tirx.reinterpret("int8x16", tirx.Broadcast(a, 4))
+            return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, av, w)
+        if self.family == "generic":
+            return acc + tirx.Cast(f"int32x{vl}", w) * tirx.Broadcast(tirx.Cast("int32", a), vl)
+        raise ValueError(f"no vector step for family {self.family!r}")
+
+
+MICROKERNELS: dict[str, Microkernel] = {
+    "x86_avx2": Microkernel("x86_avx2", kg=2, vl=8, nb=16, mr=6, lane_dtype="int16", lane_bits=16, a_dtype="int32"),
+    # int4 weights only (chosen by qlinear_kernel for w_bits=4 on AVX2): see Microkernel.step
+    "x86_avx2_u8s8": Microkernel("x86_avx2_u8s8", kg=16, vl=8, nb=16, mr=6, lane_dtype="int8", lane_bits=8,
+                                 a_dtype="int32", ksub=4, act_unsigned=True),
+    "arm_neon": Microkernel("arm_neon", kg=2, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int16"),
+    "arm_dotprod": Microkernel("arm_dotprod", kg=4, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int32"),
+    "generic": Microkernel("generic", kg=1, vl=8, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int8"),
+    "cuda": Microkernel("cuda", kg=4, vl=1, nb=16, mr=8, lane_dtype="int8", lane_bits=8, a_dtype="int32"),
+}
+
+
+def as_target(target) -> tvm.target.Target:
+    """A :class:`tvm.target.Target` from a Target, a JSON dict or a tag/kind string."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    return tvm.target.Target(target)
+
+
+def _has_feature(target: tvm.target.Target, feature: str) -> bool:
+    try:
+        return bool(tvm.target.codegen.target_has_features([feature], target))
+    except Exception:  # pragma: no cover - LLVM without that target registered
+        return False
+
+
+def select_microkernel(target, family: str | None = None) -> Microkernel:
+    """The micro-kernel for ``target`` (a dict, tag or Target); ``family`` overrides the choice."""
+    if family is not None:
+        if family not in MICROKERNELS:
+            raise ValueError(f"unknown kernel family {family!r}; choose from {sorted(MICROKERNELS)}")
+        return MICROKERNELS[family]
+    tgt = as_target(target)
+    kind = tgt.kind.name
+    if kind == "cuda":
+        return MICROKERNELS["cuda"]
+    if kind != "llvm":
+        return MICROKERNELS["generic"]
+    triple = str(tgt.attrs.get("mtriple", "") or tvm.target.codegen.llvm_get_system_triple())
+    if triple.startswith(("aarch64", "arm64")):
+        return MICROKERNELS["arm_dotprod" if _has_feature(tgt, "dotprod") else "arm_neon"]
+    if triple.startswith(("x86_64", "i686", "i386")) and _has_feature(tgt, "avx2"):
+        return MICROKERNELS["x86_avx2"]
+    return MICROKERNELS["generic"]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pack_weight_panels(w8: np.ndarray, micro: Microkernel, w_bits: int) -> np.ndarray:
+    """Build-time weight layout for ``micro`` from int8 weights [N, K] (int4 values in [-8, 7] for w_bits=4).
+
+    int8: ``int8 [ceil(N/nb), ceil(K/kg), nb*kg]``, lane ``n_l*kg + t`` = ``w[nb_i*nb + n_l, g*kg + t]``.
+    int4: ``uint8 [ceil(N/nb), ceil(K/2), nb]``, byte ``[nb_i, j, n_l]`` holds ``w[n, 2j]`` in the low and
+    ``w[n, 2j+1]`` in the high nibble (two's complement), unpacked into int8/int16 panels inside the kernel.
+    Padding is zero.
+    """
+    w8 = np.asarray(w8, dtype=np.int8)
+    n, k = w8.shape
+    nb, kg = micro.nb, micro.kg
+    nblk = ceil_div(n, nb)
+    if w_bits == 8:
+        kgr = ceil_div(k, kg)
+        pad = np.zeros((nblk * nb, kgr * kg), dtype=np.int8)
+        pad[:n, :k] = w8
+        blocks = pad.reshape(nblk, nb, kgr, kg).transpose(0, 2, 1, 3)  # [nblk, kgr, n_local, k_local]
+        n_idx, k_idx = micro.lane_nk(np.arange(nb * kg))
+        return np.ascontiguousarray(blocks[:, :, n_idx, k_idx])
+    if w_bits == 4:
+        if w8.size and (w8.min() < -8 or w8.max() > 7):
+            raise ValueError("int4 weights must lie in [-8, 7]")
+        k2 = ceil_div(k, 2)
+        pad = np.zeros((nblk * nb, 2 * k2), dtype=np.int16)
+        pad[:n, :k] = w8
+        nib = (pad & 0xF).astype(np.uint8)
+        byte = nib[:, 0::2] | (nib[:, 1::2] << 4)  # [Np, k2]
+        return np.ascontiguousarray(byte.reshape(nblk, nb, k2).transpose(0, 2, 1))
+    raise ValueError(f"w_bits must be 4 or 8, not {w_bits}")

@@ -1,0 +1,399 @@
+"""Integer linear layers as scheduled TIR PrimFuncs (``int8 x int8/int4 -> int32 -> int8``).
+
+:func:`qlinear_kernel` returns a :class:`QLinearKernel`: a scheduled ``tvm.tirx.PrimFunc`` plus what
+is needed to prepare its constant inputs at build time (:meth:`QLinearKernel.pack`) and to call it
+from Relax (``R.call_tir``, see :mod:`edgeq.lower.kernels.relax_glue`). The semantics are those of
+:func:`edgeq.lower.kernels.reference.qlinear` / ``qlinear_acc`` bit for bit.
+
+PrimFunc signature (all row-major, shapes fixed at build time)::
+
+    out="int8"/"uint8":  f(x[M,K] int8|uint8, w[...] packed, bias[N] int32, requant[6,N] int32,
+                          out[M,N] out_dtype)
+    out="int32":         f(x[M,K] int8|uint8, w[...] packed, bias[N] int32, out[M,N] int32)
+
+``w`` is the panel layout of :func:`edgeq.lower.kernels.micro.pack_weight_panels` and ``bias`` is the
+*effective* bias ``bias - x_zp' * sum_k w[n, k]`` (``x_zp' = x_zp + micro.act_offset(x_dtype)``): the
+activation zero point is folded into it at build time, so the inner loop multiplies raw int8 values;
+``requant`` holds the per-channel constants of :func:`edgeq.lower.kernels.requant.requant_params`, derived
+from the reference's ``(multiplier, shift)`` by :meth:`QLinearKernel.pack`.
+
+Kernel stages (one PrimFunc):
+
+1. ``A``: pack activations into ``kg``-groups (uint8 -> int8 by ``- 128``, or int8 -> uint8 by ``+ 128`` for the
+   u8s8 micro-kernel; zero padding in M and K);
+2. ``P`` (only when the stored weights are not already the micro-kernel's lanes, i.e. int4, or int8 on
+   x86 where lanes are int16): unpack one ``nb``-channel weight panel (``K x nb``, a few KiB, L1 resident)
+   per parallel task, then reuse it for every activation row;
+3. ``C``: register-tiled micro-kernel steps (``mr`` rows x ``nb`` channels of int32 accumulators);
+4. ``O``: epilogue fused into the tile loop: add the bias, then requantize with 32-bit SIMD arithmetic that
+   equals the reference's int64 formula (:mod:`.requant`), or keep int32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.s_tir import Schedule
+
+from . import reference as ref
+from .requant import requant_params, requant_tir
+from .micro import MICROKERNELS, Microkernel, as_target, ceil_div, pack_weight_panels, select_microkernel
+
+__all__ = ["QLinearKernel", "qlinear_kernel"]
+
+_OUT_DTYPES = ("int8", "uint8", "int32")
+
+
+# --------------------------------------------------------------------------------------------------
+# expression helpers shared by the GEMM-like kernels (called while TVMScript is parsed)
+
+
+def signed_value(x_load, x_dtype: str, offset: int | None = None):
+    """An int8/uint8 element as the int32 the kernels multiply: ``x + offset`` (default: uint8 ``x - 128``)."""
+    v = tirx.Cast("int32", x_load)
+    if offset is None:
+        offset = -128 if x_dtype == "uint8" else 0
+    return v + offset if offset else v
+
+
+def pack_group(values, micro: Microkernel):
+    """``kg`` signed int32 values -> one packed activation group of ``micro.a_dtype``."""
+    if micro.kg == 1:
+        return tirx.Cast(micro.a_dtype, values[0])
+    mask = (1 << micro.lane_bits) - 1
+    word = None
+    for t, v in enumerate(values):
+        lane = tirx.Cast("uint32", tirx.bitwise_and(v, mask))
+        if t:
+            lane = tirx.shift_left(lane, tirx.const(t * micro.lane_bits, "uint32"))
+        word = lane if word is None else tirx.bitwise_or(word, lane)
+    if micro.a_dtype == "int32":
+        return tirx.reinterpret("int32", word)
+    return tirx.Cast(micro.a_dtype, tirx.reinterpret("int32", word))
+
+
+def nibble(byte_load, high):
+    """Two's-complement nibble of a uint8 byte as int32: ``high`` is 0 (low nibble) or 1 (high nibble)."""
+    v = tirx.Cast("int32", byte_load)
+    return tirx.shift_right(tirx.shift_left(v, 28 - 4 * high), 28)
+
+
+def lanes(base, n: int):
+    """Index ``base`` (n == 1) or the contiguous vector ``base .. base+n-1``."""
+    return base if n == 1 else tirx.Ramp(base, 1, n)
+
+
+def step_expr(micro: Microkernel, acc, a, w):
+    if micro.family == "cuda":
+        return acc + tirx.call_pure_extern("int32", "__dp4a", tirx.reinterpret("int8x4", a), w, tirx.const(0, "int32"))
+    return micro.step(acc, a, w)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QLinearKernel:
+    """A scheduled integer linear kernel for fixed shapes and its build-time constant packing."""
+
+    func: tirx.PrimFunc
+    name: str
+    m: int
+    k: int
+    n: int
+    x_dtype: str
+    w_bits: int
+    out_dtype: str
+    out_bits: int
+    out_zp: int
+    micro: Microkernel
+    param_names: tuple[str, ...] = field(default=())
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.func.buffer_map[self.func.params[1]].shape)
+
+    @property
+    def weight_dtype(self) -> str:
+        return "int8" if self.w_bits == 8 else "uint8"
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        return (self.m, self.n)
+
+    def pack(self, w, bias=None, x_zp: int = 0, multiplier=None, shift=None) -> dict[str, np.ndarray]:
+        """Build-time constants for the kernel's inputs after ``x``, keyed by parameter name.
+
+        ``w``: int8 [N, K] (values in [-8, 7] when ``w_bits == 4``) or packed int4 uint8 [N, ceil(K/2)]
+        (:func:`reference.pack_int4`); ``bias``: int32 [N] or None; ``x_zp``: the activation zero point;
+        ``multiplier``/``shift``: int32 [N] (or scalars) when the output is requantized.
+        """
+        w8 = ref.weights_as_int8(w, self.k)
+        if w8.shape[0] != self.n:
+            raise ValueError(f"weights have {w8.shape[0]} output channels, kernel expects {self.n}")
+        info = np.iinfo(self.x_dtype)
+        if not info.min <= int(x_zp) <= info.max:
+            raise ValueError(f"x_zp {x_zp} outside {self.x_dtype}")
+        zp_eff = int(x_zp) + self.micro.act_offset(self.x_dtype)
+        b = np.zeros(self.n, np.int64) if bias is None else np.asarray(bias, np.int64).reshape(self.n)
+        bias_eff = (b - zp_eff * w8.astype(np.int64).sum(axis=1)).astype(np.int32)  # modulo 2**32
+        out = {"w": pack_weight_panels(w8, self.micro, self.w_bits), "bias": bias_eff}
+        if self.out_dtype != "int32":
+            if multiplier is None or shift is None:
+                raise ValueError("a requantizing kernel needs multiplier and shift")
+            out["requant"] = requant_params(multiplier, shift, self.n, self.out_zp, self.out_bits, self.out_dtype)
+        return out
+
+
+def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_bits: int = 8,
+                   out_dtype: str = "int8", out_bits: int = 8, out_zp: int = 0,
+                   family: str | None = None, name: str | None = None,
+                   num_tasks: int | None = None, mr: int | None = None, nb: int | None = None,
+                   k_unroll: int = 1) -> QLinearKernel:
+    """A scheduled qlinear PrimFunc for ``x[m,k] @ w[n,k]^T`` on ``target`` (dict, tag or Target).
+
+    ``out_dtype`` "int32" returns the accumulator plus bias (for float islands); "int8"/"uint8" requantize
+    to ``out_bits`` bits around ``out_zp``. ``family`` forces a micro-kernel (see :mod:`.micro`).
+    """
+    if x_dtype not in ("int8", "uint8"):
+        raise ValueError(f"x_dtype must be int8 or uint8, not {x_dtype!r}")
+    if w_bits not in (4, 8):
+        raise ValueError(f"w_bits must be 4 or 8, not {w_bits}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, not {out_dtype!r}")
+    if out_dtype != "int32":
+        qmin, qmax = ref.activation_range(out_bits, out_dtype)
+        if not qmin <= out_zp <= qmax:
+            raise ValueError(f"out_zp {out_zp} outside [{qmin}, {qmax}]")
+    if min(m, k, n) < 1:
+        raise ValueError(f"shapes must be positive, got m={m} k={k} n={n}")
+    tgt = as_target(target)
+    micro = select_microkernel(tgt, family)
+    if micro.family == "x86_avx2" and w_bits == 4 and family is None:
+        micro = MICROKERNELS["x86_avx2_u8s8"]
+    if micro.family == "x86_avx2_u8s8" and w_bits != 4:
+        raise ValueError("the x86_avx2_u8s8 micro-kernel is exact for int4 weights only")
+    if mr or nb:
+        micro = dataclasses.replace(micro, mr=mr or micro.mr, nb=nb or micro.nb)
+    if micro.nb % micro.vl:
+        raise ValueError(f"nb={micro.nb} must be a multiple of the vector length {micro.vl}")
+    func = _qlinear_func(m, k, n, micro, x_dtype, w_bits, out_dtype, out_bits, out_zp)
+    if micro.family == "cuda":
+        func = _schedule_gpu(func, micro)
+    else:
+        func = _schedule_cpu(func, micro, num_tasks or _default_tasks(tgt), k_unroll)
+    # every build parameter is in the name: the Relax glue adds one PrimFunc per distinct name
+    out_tag = "int32" if out_dtype == "int32" else f"{out_dtype}b{out_bits}z{out_zp}".replace("-", "m")
+    tile = f"_t{micro.mr}x{micro.nb}" if (mr or nb or k_unroll != 1) else ""
+    name = name or f"edgeq_qlinear_{micro.family}_m{m}k{k}n{n}_w{w_bits}_{x_dtype}_{out_tag}{tile}"
+    func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    params = ("x", "w", "bias") + (() if out_dtype == "int32" else ("requant",)) + ("out",)
+    return QLinearKernel(func, name, m, k, n, x_dtype, w_bits, out_dtype, out_bits, out_zp, micro, params)
+
+
+def _default_tasks(tgt: tvm.target.Target) -> int:
+    cores = int(tgt.attrs.get("num-cores", 0) or 0)
+    return max(8, 4 * cores)
+
+
+def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_bits, out_zp) -> tirx.PrimFunc:
+    kg, nb, vl, mr = micro.kg, micro.nb, micro.vl, micro.mr
+    Mp = ceil_div(M, mr) * mr
+    KG = ceil_div(K, kg)
+    NBLK = ceil_div(N, nb)
+    LW = nb * kg  # lanes of one panel row (one k-group, nb channels)
+    J = nb // vl
+    LV = vl * kg  # weight lanes read by one step
+    K2 = ceil_div(K, 2)
+    a_dtype, lane_dtype = micro.a_dtype, micro.lane_dtype
+    w_shape = (NBLK, KG, LW) if w_bits == 8 else (NBLK, K2, nb)
+    w_dtype = "int8" if w_bits == 8 else "uint8"
+    needs_panel = w_bits == 4 or lane_dtype != "int8"
+    requant = out_dtype != "int32"
+    p_shape = (NBLK, KG, LW) if needs_panel else (1, 1, 1)
+
+    ksub, skg = micro.ksub, micro.sub_kg
+    offset = micro.act_offset(x_dtype)
+
+    def a_value(X, vm, vs):
+        vals = []
+        for t in range(skg):
+            kk = vs * skg + t
+            load = X[tirx.min(vm, M - 1), tirx.min(kk, K - 1)]
+            vals.append(tirx.if_then_else(tirx.all(vm < M, kk < K), signed_value(load, x_dtype, offset), 0))
+        return pack_group(vals, micro)
+
+    def panel_value(Wp, vb, vg, vl_):
+        if w_bits == 8:
+            return tirx.Cast(lane_dtype, Wp[vb, vg, vl_])
+        n_local, k_local = micro.lane_nk(vl_)
+        kk = vg * kg + k_local
+        byte = Wp[vb, tirx.min(tirx.floordiv(kk, 2), K2 - 1), n_local]
+        return tirx.Cast(lane_dtype, tirx.if_then_else(kk < K, nibble(byte, tirx.floormod(kk, 2)), 0))
+
+    def step(acc, A, vm, vg, w):
+        a = [A[vm, vg * ksub + i] for i in range(ksub)] if ksub > 1 else A[vm, vg]
+        return step_expr(micro, acc, a, w)
+
+    def epilogue(C, Bias, RQ, vm, vn):
+        acc = C[vm, tirx.floordiv(vn, nb), tirx.floormod(vn, nb)] + Bias[vn]
+        if not requant:
+            return acc
+        return requant_tir(acc, RQ, vn, out_zp, out_bits, out_dtype)
+
+    @T.macro
+    def stage_a(X, A):
+        for m, g in T.grid(Mp, KG * ksub):
+            with T.sblock("A"):
+                vm, vg = T.axis.remap("SS", [m, g])
+                T.reads(X[0:M, 0:K])
+                T.writes(A[vm, vg])
+                A[vm, vg] = a_value(X, vm, vg)
+
+    @T.macro
+    def stage_p(Wp, P):
+        if needs_panel:
+            for b, g, l in T.grid(NBLK, KG, LW):
+                with T.sblock("P"):
+                    vb, vg, vl_ = T.axis.remap("SSS", [b, g, l])
+                    T.reads(Wp[vb, 0:w_shape[1], 0:w_shape[2]])
+                    T.writes(P[vb, vg, vl_])
+                    P[vb, vg, vl_] = panel_value(Wp, vb, vg, vl_)
+
+    @T.macro
+    def stage_c(A, P, C):
+        for m, b, j, g in T.grid(Mp, NBLK, J, KG):
+            with T.sblock("C"):
+                vm, vb, vj, vg = T.axis.remap("SSSR", [m, b, j, g])
+                T.reads(A[vm, vg * ksub: vg * ksub + ksub], P[vb, vg, vj * LV: vj * LV + LV])
+                T.writes(C[vm, vb, vj * vl: vj * vl + vl])
+                with T.init():
+                    C[vm, vb, lanes(vj * vl, vl)] = T.broadcast(T.int32(0), vl) if vl > 1 else T.int32(0)
+                C[vm, vb, lanes(vj * vl, vl)] = step(C[vm, vb, lanes(vj * vl, vl)], A, vm, vg,
+                                                     P[vb, vg, lanes(vj * LV, LV)])
+
+    if requant:
+        @T.prim_func(s_tir=True)
+        def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
+                 RQ: T.Buffer((6, N), "int32"), O: T.Buffer((M, N), out_dtype)):
+            T.func_attr({"tirx.noalias": True})
+            A = T.sblock_alloc_buffer((Mp, KG * ksub), a_dtype)
+            C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
+            P = T.sblock_alloc_buffer(p_shape, lane_dtype)
+            stage_a(X, A)
+            if needs_panel:
+                stage_p(Wp, P)
+                stage_c(A, P, C)
+            else:
+                stage_c(A, Wp, C)
+            for mm, nn in T.grid(M, N):
+                with T.sblock("O"):
+                    vm, vn = T.axis.remap("SS", [mm, nn])
+                    O[vm, vn] = epilogue(C, Bias, RQ, vm, vn)
+    else:
+        @T.prim_func(s_tir=True)
+        def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
+                 O: T.Buffer((M, N), "int32")):
+            T.func_attr({"tirx.noalias": True})
+            A = T.sblock_alloc_buffer((Mp, KG * ksub), a_dtype)
+            C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
+            P = T.sblock_alloc_buffer(p_shape, lane_dtype)
+            stage_a(X, A)
+            if needs_panel:
+                stage_p(Wp, P)
+                stage_c(A, P, C)
+            else:
+                stage_c(A, Wp, C)
+            for mm, nn in T.grid(M, N):
+                with T.sblock("O"):
+                    vm, vn = T.axis.remap("SS", [mm, nn])
+                    O[vm, vn] = epilogue(C, Bias, None, vm, vn)
+    return func
+
+
+# --------------------------------------------------------------------------------------------------
+# schedules
+
+
+def root_blocks(sch: Schedule) -> dict[str, object]:
+    """Top-level blocks by their name with any ``_<n>`` suffix the macro expansion added removed."""
+    out = {}
+    for rv in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(rv).name_hint
+        base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
+        out[base] = rv
+    return out
+
+
+def vectorize(sch: Schedule, loop) -> None:
+    """``sch.vectorize`` unless the loop has a single iteration (TIR refuses those)."""
+    if int(sch.get(loop).extent) > 1:
+        sch.vectorize(loop)
+
+
+def parallel(sch: Schedule, loop) -> None:
+    """``sch.parallel`` unless the loop has a single iteration."""
+    if int(sch.get(loop).extent) > 1:
+        sch.parallel(loop)
+
+
+def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unroll: int = 1) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    blocks = root_blocks(sch)
+    b_a, b_c, b_o, b_p = blocks["A"], blocks["C"], blocks["O"], blocks.get("P")
+    m, nblk, j, g = sch.get_loops(b_c)
+    n_blocks = int(sch.get(nblk).extent)
+    mo, mi = sch.split(m, [None, micro.mr])
+    m_tiles = int(sch.get(mo).extent)
+    chunks = min(m_tiles, ceil_div(num_tasks, n_blocks))
+    if chunks > 1:
+        mo_o, mo_i = sch.split(mo, [chunks, None])
+        sch.reorder(nblk, mo_o, mo_i, g, mi, j)
+        task = sch.fuse(nblk, mo_o)
+    else:
+        sch.reorder(nblk, mo, g, mi, j)
+        task, mo_i = nblk, mo
+    parallel(sch, task)
+    sch.set_scope(b_c, 0, "local")
+    sch.reverse_compute_at(b_o, mo_i)
+    if b_p is not None:
+        sch.compute_at(b_p, task)
+        p_loops = sch.get_loops(b_p)
+        vectorize(sch, p_loops[-1])
+    sch.decompose_reduction(b_c, g)
+    if k_unroll > 1 and int(sch.get(g).extent) % k_unroll == 0:
+        _, g_in = sch.split(g, [None, k_unroll])
+        sch.unroll(g_in)
+    sch.unroll(mi)
+    sch.unroll(j)
+    o_loops = sch.get_loops(b_o)
+    vectorize(sch, o_loops[-1])
+    a_loops = sch.get_loops(b_a)
+    parallel(sch, a_loops[0])
+    return sch.mod["main"]
+
+
+def _schedule_gpu(func: tirx.PrimFunc, micro: Microkernel) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    blocks = root_blocks(sch)
+    b_a, b_c, b_o, b_p = blocks["A"], blocks["C"], blocks["O"], blocks.get("P")
+    for blk in [b for b in (b_a, b_p) if b is not None]:
+        fused = sch.fuse(*sch.get_loops(blk))
+        bx, tx = sch.split(fused, [None, 128])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    m, nblk, j, g = sch.get_loops(b_c)
+    mo, mi = sch.split(m, [None, micro.mr])
+    sch.reorder(mo, nblk, mi, j, g)
+    sch.bind(mo, "blockIdx.y")
+    sch.bind(nblk, "blockIdx.x")
+    sch.bind(mi, "threadIdx.y")
+    sch.bind(j, "threadIdx.x")
+    sch.set_scope(b_c, 0, "local")
+    sch.reverse_compute_at(b_o, j)
+    sch.decompose_reduction(b_c, g)
+    return sch.mod["main"]

@@ -1,0 +1,156 @@
+"""Compiled integer kernels on this machine, bit for bit against the numpy references.
+
+The host family is x86_avx2 on an AVX2 machine (vpmaddwd micro-kernel), otherwise generic; the generic
+family is tested too so both code paths run everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq.lower.kernels import reference as ref
+from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
+from edgeq.lower.kernels.micro import select_microkernel
+from edgeq.lower.kernels.qlinear import qlinear_kernel
+from edgeq.lower.kernels.requant import requant_params, requantize_kernel
+from edgeq.lower.kernels.runner import HostKernel, host_target
+
+TARGET = host_target(num_cores=2)
+HOST_FAMILY = select_microkernel(TARGET).family
+FAMILIES = sorted({HOST_FAMILY, "generic"})
+# int4 weights on AVX2 get their own vpmaddubsw micro-kernel (qlinear_kernel picks it without `family`)
+QLINEAR_CASES = [(f, b) for f in FAMILIES for b in (8, 4)] + ([("x86_avx2_u8s8", 4)] if HOST_FAMILY == "x86_avx2" else [])
+
+
+def rand(rng, dtype, shape):
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+def check_qlinear(family, m, k, n, x_dtype, w_bits, out_dtype, x_zp, out_zp, seed=0):
+    rng = np.random.default_rng(seed)
+    kern = qlinear_kernel(m, k, n, TARGET, x_dtype=x_dtype, w_bits=w_bits, out_dtype=out_dtype,
+                          out_zp=out_zp, family=family)
+    assert kern.micro.family == family
+    x = rand(rng, x_dtype, (m, k))
+    w8 = rng.integers(-8, 8, (n, k)).astype(np.int8) if w_bits == 4 else rand(rng, "int8", (n, k))
+    w = ref.pack_int4(w8) if w_bits == 4 else w8  # int4 weights arrive packed two per byte
+    bias = rng.integers(-5000, 5000, n).astype(np.int32)
+    mult, shift = ref.quantize_multipliers(rng.uniform(2e-4, 2e-2, n))
+    packed = kern.pack(w, bias, x_zp, mult, shift)
+    out = HostKernel(kern.func, kern.name, TARGET)(x, *[packed[p] for p in kern.param_names[1:-1]],
+                                                  out_shape=(m, n), out_dtype=out_dtype)
+    if out_dtype == "int32":
+        expect = ref.qlinear_acc(x, x_zp, w, bias)
+    else:
+        expect = ref.qlinear(x, x_zp, w, bias, mult, shift, out_zp, 8, out_dtype)
+        assert len(np.unique(expect)) > 20  # not all saturated: the test would prove little
+    assert out.dtype == expect.dtype and out.shape == expect.shape
+    np.testing.assert_array_equal(out, expect)
+
+
+@pytest.mark.parametrize("family,w_bits", QLINEAR_CASES)
+@pytest.mark.parametrize("x_dtype,x_zp", [("int8", 0), ("int8", -9), ("uint8", 128), ("uint8", 37)])
+def test_qlinear_deit_shape(family, w_bits, x_dtype, x_zp):
+    check_qlinear(family, 197, 192, 768, x_dtype, w_bits, "int8", x_zp, out_zp=3)
+
+
+@pytest.mark.parametrize("family,w_bits", QLINEAR_CASES)
+@pytest.mark.parametrize("m,k,n", [(7, 13, 5), (1, 1, 1), (13, 31, 17), (6, 64, 33)])
+@pytest.mark.parametrize("out_dtype", ["int8", "uint8", "int32"])
+def test_qlinear_odd_shapes(family, m, k, n, w_bits, out_dtype):
+    out_zp = {"int8": -5, "uint8": 120, "int32": 0}[out_dtype]
+    rng_zp = (m * 7 + k) % 50
+    for x_dtype, x_zp in (("int8", rng_zp - 25), ("uint8", rng_zp + 100)):
+        if out_dtype != "int32" and m * n < 64:
+            # too few outputs for the "not all saturated" guard: compare the accumulator path instead
+            check_qlinear(family, m, k, n, x_dtype, w_bits, "int32", x_zp, 0)
+            continue
+        check_qlinear(family, m, k, n, x_dtype, w_bits, out_dtype, x_zp, out_zp, seed=m + k + n)
+
+
+def test_qlinear_small_output_requant():
+    """Tiny shapes through the requantizing epilogue, with hand-picked scales that do not saturate."""
+    rng = np.random.default_rng(5)
+    m, k, n = 3, 5, 2
+    kern = qlinear_kernel(m, k, n, TARGET, out_zp=1)
+    x = rand(rng, "int8", (m, k))
+    w = rand(rng, "int8", (n, k))
+    mult, shift = ref.quantize_multipliers([1 / 300, 1 / 700])
+    packed = kern.pack(w, None, 2, mult, shift)
+    out = HostKernel(kern.func, kern.name, TARGET)(x, packed["w"], packed["bias"], packed["requant"],
+                                                  out_shape=(m, n), out_dtype="int8")
+    np.testing.assert_array_equal(out, ref.qlinear(x, 2, w, None, mult, shift, 1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(3, 197, 197, 64), (2, 7, 9, 13), (1, 1, 1, 1)])
+def test_qk(family, shape):
+    rng = np.random.default_rng(6)
+    h, t, s, d = shape
+    for q_dtype, k_dtype, q_zp, k_zp in (("int8", "int8", 0, 0), ("uint8", "int8", 131, -4), ("int8", "uint8", 9, 250)):
+        kern = qk_kernel(h, t, s, d, TARGET, q_dtype=q_dtype, k_dtype=k_dtype, q_zp=q_zp, k_zp=k_zp, family=family)
+        q = rand(rng, q_dtype, (h, t, d))
+        k = rand(rng, k_dtype, (h, s, d))
+        out = HostKernel(kern.func, kern.name, TARGET)(q, k, out_shape=(h, t, s), out_dtype="int32")
+        np.testing.assert_array_equal(out, ref.qmatmul_qk(q, k, q_zp, k_zp))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(3, 197, 197, 64), (2, 7, 9, 13), (1, 1, 1, 1)])
+def test_log2_av(family, shape):
+    rng = np.random.default_rng(7)
+    h, t, s, d = shape
+    for v_dtype, v_zp, base_shift, zero_code, top in (("int8", 0, 15, 255, 40), ("uint8", 128, 12, 15, 16),
+                                                      ("int8", -3, 0, 7, 9)):
+        kern = log2_av_kernel(h, t, s, d, TARGET, v_dtype=v_dtype, v_zp=v_zp, base_shift=base_shift,
+                              zero_code=zero_code, family=family)
+        p = rng.integers(0, top, (h, t, s)).astype(np.uint8)
+        v = rand(rng, v_dtype, (h, s, d))
+        out = HostKernel(kern.func, kern.name, TARGET)(p, v, out_shape=(h, t, d), out_dtype="int32")
+        np.testing.assert_array_equal(out, ref.log2_av(p, v, v_zp, base_shift, zero_code))
+
+
+def test_host_family_and_instructions():
+    """On an AVX2 host int8 weights use vpmaddwd (exact), int4 weights vpmaddubsw (exact for int4)."""
+    if HOST_FAMILY != "x86_avx2":
+        pytest.skip(f"host family is {HOST_FAMILY}")
+    kern = qlinear_kernel(197, 192, 768, TARGET)
+    asm = HostKernel(kern.func, kern.name, TARGET).asm()
+    assert asm.count("vpmaddwd") >= 12
+    assert "vpmaddubsw" not in asm  # saturates int16 for full-range int8 weights: never used for them
+    kern4 = qlinear_kernel(197, 192, 768, TARGET, w_bits=4)
+    assert kern4.micro.family == "x86_avx2_u8s8"
+    assert HostKernel(kern4.func, kern4.name, TARGET).asm().count("vpmaddubsw") >= 16
+    with pytest.raises(ValueError):
+        qlinear_kernel(8, 8, 8, TARGET, w_bits=8, family="x86_avx2_u8s8")
+    with pytest.raises(ValueError):
+        qk_kernel(1, 4, 4, 8, TARGET, family="x86_avx2_u8s8")
+
+
+def test_pack_rejects_bad_inputs():
+    kern = qlinear_kernel(4, 6, 3, TARGET, w_bits=4)
+    with pytest.raises(ValueError):
+        kern.pack(np.zeros((3, 6), np.int8) + 9, None, 0, [2**30] * 3, [5] * 3)  # int4 out of range
+    with pytest.raises(ValueError):
+        kern.pack(np.zeros((2, 6), np.int8), None, 0, [2**30] * 2, [5] * 2)  # wrong N
+    with pytest.raises(ValueError):
+        kern.pack(np.zeros((3, 6), np.int8), None, 0)  # requantizing kernel without multipliers
+    with pytest.raises(ValueError):
+        qlinear_kernel(4, 6, 3, TARGET, x_dtype="int16")
+
+
+@pytest.mark.parametrize("shape,per_channel,out_dtype,out_zp", [((3, 197, 64), False, "int8", -3),
+                                                               ((197, 768), True, "int8", 4),
+                                                               ((7, 5), True, "uint8", 128), ((13,), False, "int8", 0)])
+def test_requantize_kernel(shape, per_channel, out_dtype, out_zp):
+    rng = np.random.default_rng(8)
+    func, name = requantize_kernel(shape, TARGET, per_channel=per_channel, out_zp=out_zp, out_dtype=out_dtype)
+    channels = shape[-1] if per_channel else 1
+    mult, shift = ref.quantize_multipliers(rng.uniform(1e-5, 1e-2, channels))
+    acc = rng.integers(-2**20, 2**20, shape).astype(np.int32)
+    rq = requant_params(mult, shift, channels, out_zp, 8, out_dtype)
+    rows = int(np.prod(shape[:-1]))
+    out = HostKernel(func, name, TARGET)(acc.reshape(rows, shape[-1]), rq, out_shape=(rows, shape[-1]),
+                                         out_dtype=out_dtype)
+    np.testing.assert_array_equal(out.reshape(shape), ref.requantize(acc, mult, shift, out_zp, 8, out_dtype))

@@ -1,0 +1,143 @@
+"""Kernels for the other target families: aarch64 (Cortex-A72 NEON, +dotprod) and CUDA, plus Relax glue.
+
+aarch64 builds are checked by their assembly (the widening multiply-accumulate instructions the schedules
+are meant to produce), exported with the cross compiler when ``aarch64-linux-gnu-gcc`` is installed, and
+run bit for bit under ``qemu-aarch64`` when that is installed too. CUDA builds are compile-only.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+from edgeq.lower.kernels import reference as ref
+from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
+from edgeq.lower.kernels.emulate import aarch64_available, aarch64_tools, run_aarch64
+from edgeq.lower.kernels.micro import select_microkernel
+from edgeq.lower.kernels.qlinear import qlinear_kernel
+
+A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4}
+A72_DOT = {**A72, "mattr": ["+neon", "+dotprod"]}
+A76 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "num-cores": 4}
+CUDA = {"kind": "cuda", "arch": "sm_87"}
+
+needs_qemu = pytest.mark.skipif(not aarch64_available(), reason=f"aarch64 toolchain/qemu missing: {aarch64_tools()}")
+
+
+def count(asm: str, op: str) -> int:
+    return len(re.findall(rf"^\s*{op}\s", asm, flags=re.M))
+
+
+def test_family_selection():
+    assert select_microkernel(A72).family == "arm_neon"
+    assert select_microkernel(A72_DOT).family == "arm_dotprod"
+    assert select_microkernel(A76).family == "arm_dotprod"  # cortex-a76 implies dotprod
+    assert select_microkernel(CUDA).family == "cuda"
+    assert select_microkernel({"kind": "llvm", "mcpu": "haswell"}).family == "x86_avx2"
+    assert select_microkernel({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}).family == "generic"
+    with pytest.raises(ValueError):
+        select_microkernel(A72, family="avx9000")
+
+
+def arm_asm(kern, target) -> str:
+    lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=target)
+    return lib.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_a72_qlinear_uses_smull_sadalp(w_bits):
+    kern = qlinear_kernel(197, 192, 768, A72, w_bits=w_bits)
+    assert kern.micro.family == "arm_neon"
+    asm = arm_asm(kern, A72)
+    assert count(asm, "smull") >= 8 and count(asm, "sadalp") >= 8
+    assert count(asm, "sdot") == 0  # the A72 has no dot product
+
+
+def test_dotprod_qlinear_uses_sdot():
+    kern = qlinear_kernel(197, 192, 768, A72_DOT)
+    asm = arm_asm(kern, A72_DOT)
+    assert count(asm, "sdot") >= 8
+
+
+@pytest.mark.skipif(aarch64_tools()["gcc"] is None, reason="aarch64-linux-gnu-gcc not installed")
+def test_aarch64_export(tmp_path):
+    from tvm.support import cc
+
+    kern = qlinear_kernel(197, 192, 768, A72)
+    lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=A72)
+    path = tmp_path / "qlinear_a72.so"
+    lib.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
+    head = path.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+
+
+@needs_qemu
+@pytest.mark.parametrize("target", [A72, A72_DOT], ids=["a72", "dotprod"])
+@pytest.mark.parametrize("m,k,n,x_dtype,w_bits,out_dtype", [
+    (197, 192, 768, "int8", 8, "int8"),
+    (197, 192, 768, "uint8", 4, "int8"),
+    (7, 13, 5, "uint8", 8, "int32"),
+    (9, 30, 33, "int8", 4, "uint8"),
+])
+def test_aarch64_qlinear_bit_exact_under_qemu(target, m, k, n, x_dtype, w_bits, out_dtype):
+    rng = np.random.default_rng(m + n)
+    out_zp = 100 if out_dtype == "uint8" else 0
+    kern = qlinear_kernel(m, k, n, target, x_dtype=x_dtype, w_bits=w_bits, out_dtype=out_dtype, out_zp=out_zp)
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, (m, k)).astype(x_dtype)
+    w8 = rng.integers(-8, 8, (n, k)).astype(np.int8) if w_bits == 4 else rng.integers(-128, 128, (n, k)).astype(np.int8)
+    w = ref.pack_int4(w8) if w_bits == 4 else w8
+    bias = rng.integers(-3000, 3000, n).astype(np.int32)
+    mult, shift = ref.quantize_multipliers(rng.uniform(1e-4, 2e-2, n))
+    x_zp = 11 if x_dtype == "uint8" else -3
+    packed = kern.pack(w, bias, x_zp, mult, shift)
+    out = run_aarch64(kern.func, kern.name, target, [x] + [packed[p] for p in kern.param_names[1:-1]], (m, n), out_dtype)
+    if out_dtype == "int32":
+        expect = ref.qlinear_acc(x, x_zp, w, bias)
+    else:
+        expect = ref.qlinear(x, x_zp, w, bias, mult, shift, out_zp, 8, out_dtype)
+    np.testing.assert_array_equal(out, expect)
+
+
+@needs_qemu
+@pytest.mark.parametrize("target", [A72, A72_DOT], ids=["a72", "dotprod"])
+def test_aarch64_attention_bit_exact_under_qemu(target):
+    rng = np.random.default_rng(11)
+    kern = qk_kernel(3, 197, 197, 64, target, q_dtype="uint8", q_zp=120, k_zp=-2)
+    q = rng.integers(0, 256, (3, 197, 64)).astype(np.uint8)
+    k = rng.integers(-128, 128, (3, 197, 64)).astype(np.int8)
+    out = run_aarch64(kern.func, kern.name, target, [q, k], (3, 197, 197), "int32")
+    np.testing.assert_array_equal(out, ref.qmatmul_qk(q, k, 120, -2))
+    kern = log2_av_kernel(2, 7, 9, 13, target, v_zp=5, zero_code=15)
+    p = rng.integers(0, 18, (2, 7, 9)).astype(np.uint8)
+    v = rng.integers(-128, 128, (2, 9, 13)).astype(np.int8)
+    out = run_aarch64(kern.func, kern.name, target, [p, v], (2, 7, 13), "int32")
+    np.testing.assert_array_equal(out, ref.log2_av(p, v, 5, 15, 15))
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: qlinear_kernel(197, 192, 768, t),
+    lambda t: qlinear_kernel(7, 13, 5, t, x_dtype="uint8", w_bits=4, out_dtype="int32"),
+    lambda t: qk_kernel(3, 197, 197, 64, t, q_zp=1, k_zp=2),
+    lambda t: log2_av_kernel(3, 197, 197, 64, t),
+], ids=["qlinear", "qlinear_int4", "qk", "log2_av"])
+def test_cuda_kernels_compile(make):
+    target = tvm.target.Target(CUDA, host=A72)
+    kern = make(target)
+    lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=target)
+    source = "\n".join(m.inspect_source() for m in lib.mod.imports)
+    assert "__global__" in source
+    if kern.micro.family == "cuda" and "log2av" not in kern.name:
+        assert "__dp4a" in source
+
+
+def test_relax_call_tir_demo_runs_on_the_vm():
+    from edgeq.lower.kernels.relax_glue import demo_qlinear_module, run_demo
+    from edgeq.lower.kernels.runner import host_target
+
+    mod, _, _ = demo_qlinear_module(host_target())
+    assert "call_tir" in mod.script()
+    assert run_demo(host_target(2))
+    assert run_demo({"kind": "llvm"}, m=20, k=48, n=40)  # generic family, default llvm target
