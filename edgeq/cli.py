@@ -35,6 +35,29 @@ def cli() -> None:
     """Quantize vision transformers with per-layer mixed precision and run them as integer code on edge boards."""
 
 
+def model_options(command):
+    """--model, --checkpoint and --random-init, shared by every command that loads a model."""
+    command = click.option("--random-init", is_flag=True, help="Use random weights (timm models; for latency work).")(command)
+    command = click.option("--checkpoint", type=click.Path(path_type=Path),
+                           help="Weights (.safetensors or .pth) to load.")(command)
+    return click.option("--model", "model_name", required=True, help="edgeq/<name> or a timm model name.")(command)
+
+
+def calibration_options(command):
+    command = click.option("--calib-seed", type=int, help="Seed for choosing calibration images (default: recipe's, else 0).")(command)
+    command = click.option("--calib-count", type=click.IntRange(min=1),
+                           help="Calibration images (default: recipe's, else 32).")(command)
+    return click.option("--calib", required=True, metavar="DIR|ARCHIVE|RECIPE.yaml",
+                        help="Calibration images: a folder, an archive, or a recipe in calibration/.")(command)
+
+
+def load_calibration_option(model, calib: str, count: int | None, seed: int | None):
+    from edgeq.data import data_config
+    from edgeq.data.calibration import load_calibration, resolve_recipe
+
+    return load_calibration(resolve_recipe(calib, count=count, seed=seed), data_config(model))
+
+
 @cli.command("models")
 @click.option("--timm", "pattern", metavar="PATTERN", help="Also list timm model names matching PATTERN (e.g. 'deit*').")
 def models_command(pattern: str | None) -> None:
@@ -92,9 +115,7 @@ def load_model_option(model: str, checkpoint: Path | None, random_init: bool):
 
 
 @cli.command("eval")
-@click.option("--model", "model_name", required=True, help="edgeq/<name> or a timm model name.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights (.safetensors or .pth) to load.")
-@click.option("--random-init", is_flag=True, help="Use random weights (timm models; for latency work).")
+@model_options
 @click.option("--data", required=True, help="ImageFolder folder or .tar/.tar.gz archive (relative paths also tried under $EDGEQ_DATA).")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate a class-balanced subset of N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -128,6 +149,40 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
     if output is not None:
         atomic_write_json(output, result)
         click.echo(f"results written to {output}")
+
+
+@cli.command("plan")
+@model_options
+@calibration_options
+@click.option("--method", type=click.Choice(["lrp", "nuclear", "random"]), default="lrp", show_default=True,
+              help="How layers are scored: LRP relevance, nuclear-norm sensitivity, or a random control.")
+@click.option("--budget", "budgets", multiple=True, required=True, metavar="KIND=VALUE",
+              help="avg-bits=4, weight-bytes=1.5MB, bops=1.2G or latency-ms=12 (with --latency-table); repeatable.")
+@click.option("--latency-table", type=click.Path(path_type=Path), help="Per-layer latency table (JSON) for latency-ms budgets.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the bit plan (JSON) goes.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also draw per-layer scores and chosen bits (PNG).")
+def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, method, budgets,
+                 latency_table, seed, out, plot) -> None:
+    """Choose per-layer bit widths under a budget and write a bit plan."""
+    from edgeq.bitplan import write_plan
+    from edgeq.plan import make_plan, parse_budgets, plan_metrics, plot_plan, layer_costs
+
+    parse_budgets(list(budgets))  # a malformed budget fails before any model work
+    model = load_model_option(model_name, checkpoint, random_init)
+    images = None
+    if method != "random":
+        calibration = load_calibration_option(model, calib, calib_count, calib_seed)
+        images = calibration.images
+    plan, scores = make_plan(model, method, list(budgets), images, seed=seed, latency=latency_table,
+                             model_name=model_name)
+    write_plan(plan, out)
+    metrics = plan_metrics(plan, layer_costs(model), latency=latency_table)
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    click.echo(f"plan written to {out} ({method}; {summary})")
+    if plot is not None:
+        plot_plan(scores, plan, plot, title=f"{model_name}: {method}, {' '.join(budgets)}")
+        click.echo(f"plot written to {plot}")
 
 
 def main(argv: list[str] | None = None) -> None:

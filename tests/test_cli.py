@@ -91,3 +91,29 @@ def test_targets_list_and_unknown(capsys) -> None:
     assert code == 0 and "rasp4 " in out and "jetson-orin-nano" in out
     code, _, err = run_cli(capsys, "targets", "rasp9")
     assert code == 60 and "known boards: host" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_writes_a_plan_under_budget_and_plot(capsys, tiny_folder: Path, tmp_path: Path) -> None:
+    from edgeq.bitplan import read_plan
+
+    out, plot = tmp_path / "plan.json", tmp_path / "plan.png"
+    code, stdout, err = run_cli(capsys, "plan", "--model", "edgeq/vit-cifar10", "--random-init", "--calib",
+                                str(tiny_folder), "--calib-count", "4", "--method", "lrp", "--budget", "avg-bits=4",
+                                "--out", str(out), "--plot", str(plot))
+    assert code == 0, err
+    plan = read_plan(out)
+    assert plan.provenance["method"] == "lrp" and plan.layers
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert re.search(r"avg-bits (3\.\d+|4)\b", stdout)
+
+
+@pytest.mark.parametrize("budget, code, message", [("avg-bit=4", 30, "unknown kind 'avg-bit'"),
+                                                    ("avg-bits=1.5", 31, "the smallest feasible is avg-bits=2")])
+def test_plan_bad_budgets_keep_previous_plan(capsys, tiny_folder: Path, tmp_path: Path, budget, code, message):
+    out = tmp_path / "plan.json"
+    out.write_text("previous\n")
+    got, _, err = run_cli(capsys, "plan", "--model", "edgeq/vit-cifar10", "--random-init", "--calib",
+                          str(tiny_folder), "--calib-count", "2", "--method", "random", "--budget", budget,
+                          "--out", str(out))
+    assert got == code and message in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "previous\n"

@@ -22,9 +22,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq"))
 
 
+# A checkout of edgeq sits beside the shared data sets (`../shared/data`); that is the
+# default data root when EDGEQ_DATA is not set.
+_CHECKOUT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
 def data_root() -> Path | None:
     root = os.environ.get("EDGEQ_DATA")
-    return Path(root) if root else None
+    if root:
+        return Path(root)
+    return _CHECKOUT_DATA if _CHECKOUT_DATA.is_dir() else None
 
 
 def resolve_data_path(spec: str | os.PathLike) -> Path:
