@@ -81,6 +81,12 @@ class QuantizedModelError(EdgeqError):
     exit_code = 22
 
 
+class UnsupportedModelError(EdgeqError):
+    """A model or module pattern edgeq cannot quantize or lower; the message names it and what is supported."""
+
+    exit_code = 23
+
+
 class PlanningError(EdgeqError):
     """Unknown planning method, malformed budget, or a latency table that does not fit."""
 

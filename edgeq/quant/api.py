@@ -1,0 +1,187 @@
+"""``quantize``: calibrate a float timm model into a :class:`QuantizedModel`."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from edgeq import __version__
+from edgeq.bitplan import BitPlan
+from edgeq.errors import CalibrationError
+from edgeq.quant.config import MIN_CALIBRATION_IMAGES, QuantConfig
+from edgeq.quant.convert import check_supported, convert, layer_specs, quantizable_layers
+from edgeq.quant.modules import Calibration, LayerSpec, QuantMatMul, _QuantWeighted
+from edgeq.quant.synthetic import synthesize_calibration
+
+FORMAT = "edgeq.quantized"
+FORMAT_VERSION = 1
+FLOAT_OPS = ("LayerNorm", "Softmax", "GELU", "residual add", "position embedding", "class/distillation token",
+             "Swin relative position bias and attention mask", "pooling", "q/k norms")
+
+Progress = Callable[[int, int, str], None]
+
+
+class SyntheticCalibrationWarning(UserWarning):
+    """Quantization ran on synthetic calibration images because no data was given."""
+
+
+class QuantizedModel(nn.Module):
+    """A quantized model: ``forward`` runs it in PyTorch (fake quantization), ``export`` gives the integers.
+
+    ``model`` is the converted timm model; ``metadata`` the JSON-able record that ``save_quantized``
+    stores. ``layers`` maps each quantizable layer name to its quantized module.
+    """
+
+    def __init__(self, model: nn.Module, metadata: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.metadata = metadata
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        names = set(self.metadata["layers"])
+        return {name: m for name, m in self.model.named_modules() if name in names}
+
+    def export(self) -> dict[str, Any]:
+        """Per layer, what a compiler needs; plus the folded LayerNorms.
+
+        ``layers[name]`` for a Linear/conv: ``weight_int`` (int8, values within
+        ``[weight_qmin, weight_qmax]``), ``weight_scale`` and ``weight_zero_point`` per output
+        channel, float ``bias`` (already including the reparameterization), and ``input`` (the
+        per-tensor activation quantizer: scale, zero_point, qmin, qmax, bits). For a matmul:
+        ``a`` and ``b`` operand quantizers (``a`` of ``matmul_av`` is the log2 quantizer:
+        scale, bits, zero_code, frac_bits, odd_multiplier). ``norms[name]`` holds the
+        reparameterized LayerNorm affine (``weight``, ``bias``, ``eps``) and the layer it feeds.
+        """
+        layers = {name: module.export() for name, module in self.layers.items()}
+        norms = {}
+        for name, spec in self.metadata["layers"].items():
+            if spec.get("norm"):
+                norm = self.model.get_submodule(spec["norm"])
+                norms[spec["norm"]] = {"weight": norm.weight.detach().clone(), "bias": norm.bias.detach().clone(),
+                                       "eps": norm.eps, "feeds": name}
+        return {"layers": layers, "norms": norms}
+
+    @property
+    def specs(self) -> dict[str, LayerSpec]:
+        return {name: LayerSpec.from_json(name, data) for name, data in self.metadata["layers"].items()}
+
+
+def _expected_input(model: nn.Module) -> tuple[int, int, int]:
+    embed = model.patch_embed
+    channels = embed.proj.in_channels
+    size = getattr(embed, "img_size", None)
+    if size is None:
+        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (channels, 224, 224))[1:])
+    return channels, int(size[0]), int(size[1])
+
+
+def check_calibration_data(data: Any, expected: tuple[int, int, int]) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise CalibrationError(f"calibration data must be a float tensor N×{expected[0]}×H×W, got {type(data).__name__}")
+    if not data.is_floating_point():
+        raise CalibrationError(f"calibration data must be a float tensor (preprocessed images), got {data.dtype}")
+    if data.dim() != 4:
+        raise CalibrationError(f"calibration data must be N×{expected[0]}×H×W, got shape {tuple(data.shape)}")
+    if data.shape[0] < MIN_CALIBRATION_IMAGES:
+        raise CalibrationError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} images, got {data.shape[0]}")
+    if tuple(data.shape[1:]) != expected:
+        c, h, w = data.shape[1:]
+        raise CalibrationError(f"calibration images are {c}×{h}×{w}, the model expects {expected[0]}×{expected[1]}×{expected[2]}")
+    if not bool(torch.isfinite(data).all()):
+        raise CalibrationError("calibration images contain NaN or infinite values")
+    return data.detach().to(torch.float32)
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: Optional[torch.Tensor],
+    plan: BitPlan | str,
+    method: str = "lrp-qvit",
+    *,
+    progress: Optional[Progress] = None,
+    config: Optional[QuantConfig] = None,
+    **options: Any,
+) -> QuantizedModel:
+    """Quantize a copy of ``model`` (left untouched) with ``plan`` by ``method``.
+
+    ``calib_data``: preprocessed images N×C×H×W (N >= MIN_CALIBRATION_IMAGES), or None for
+    synthetic calibration images (with a :class:`SyntheticCalibrationWarning`). ``plan``: a
+    BitPlan or a ``wNaM`` spec. ``method``: minmax | repq | lrp-qvit; ``options`` replace fields
+    of the method's :class:`QuantConfig` preset (e.g. ``clip=False``), or pass ``config``
+    whole. ``progress(done, total, what)`` is called as calibration advances.
+    """
+    if config is None:
+        config = QuantConfig.for_method(method, **options)
+    elif options:
+        raise TypeError("give either config or options, not both")
+    if isinstance(plan, str):
+        plan = BitPlan.from_spec(plan)
+    if isinstance(model, QuantizedModel):
+        raise TypeError("the model is already quantized; pass the float model")
+    check_supported(model)
+    plan.check_layers(quantizable_layers(model))
+    expected = _expected_input(model)
+
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    specs = layer_specs(model, plan, config)
+    synth_steps = config.synthetic_steps if calib_data is None else 0
+    total = synth_steps + len(specs)
+
+    if calib_data is None:
+        warnings.warn(
+            f"no calibration data: quantizing on {config.synthetic_images} synthetic images generated from the "
+            "model (PSAQ-ViT patch similarity); expect lower accuracy than with real images",
+            SyntheticCalibrationWarning, stacklevel=2,
+        )
+        data = synthesize_calibration(
+            model, expected, count=config.synthetic_images, steps=config.synthetic_steps, seed=config.seed,
+            progress=(lambda done, _t, what: progress(done, total, what)) if progress else None,
+        )
+        source = "synthetic"
+    else:
+        data = check_calibration_data(calib_data, expected)
+        source = "data"
+
+    calibration = Calibration(config=config, total=len(specs), progress=progress, offset=synth_steps)
+    convert(model, specs, calibration)
+    with torch.no_grad():
+        out = model(data)
+    pending = [name for name, m in model.named_modules()
+               if isinstance(m, (_QuantWeighted, QuantMatMul)) and m._pending is not None]
+    if pending:
+        raise RuntimeError(f"layers never reached during calibration: {', '.join(pending[:3])}")
+    if not bool(torch.isfinite(out).all()):
+        raise CalibrationError("non-finite values at the model output during calibration")
+
+    layers = {}
+    for name, spec in specs.items():
+        entry = spec.to_json()
+        entry.update(calibration.records.get(name, {}))
+        layers[name] = entry
+    metadata = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "edgeq": __version__,
+        "model": {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                  "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+                  "input_size": list(expected)},
+        "method": method,
+        "config": config.to_json(),
+        "plan": plan.to_json(),
+        "calibration": source,
+        "calibration_images": int(data.shape[0]),
+        "calibration_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(),
+        "float_ops": list(FLOAT_OPS),
+        "layers": layers,
+    }
+    return QuantizedModel(model, metadata)
