@@ -120,21 +120,29 @@ def load_model_option(model: str, checkpoint: Path | None, random_init: bool):
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate a class-balanced subset of N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--output", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+@click.option("--quantized", type=click.Path(path_type=Path),
+              help="Evaluate this quantized model (q.safetensors from `edgeq quantize`) of --model.")
 def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, data: str, limit: int | None,
-                 batch_size: int, output: Path | None) -> None:
-    """Top-1/top-5 accuracy of a model on an image folder or archive."""
+                 batch_size: int, output: Path | None, quantized: Path | None) -> None:
+    """Top-1/top-5 accuracy of a model (float, or quantized with --quantized) on an image folder or archive."""
     from edgeq.data import balanced_indices, data_config, load_image_folder
     from edgeq.evaluate import evaluate
     from edgeq.fileio import atomic_write_json
 
-    model = load_model_option(model_name, checkpoint, random_init)
+    model = load_model_option(model_name, checkpoint, random_init or quantized is not None)
     config = data_config(model)
+    if quantized is not None:
+        from edgeq.quant import load_quantized
+
+        # The file holds every tensor, so the float weights it was made from are not needed.
+        model = load_quantized(quantized, model)
     dataset = load_image_folder(data, config)
     indices = balanced_indices(dataset.labels, limit, seed=0) if limit else None
     with progress_bar("evaluating") as progress:
         metrics = evaluate(model, dataset, indices, batch_size=batch_size, progress=progress)
     result = {
         "model": model_name,
+        **({"quantized": str(quantized)} if quantized is not None else {}),
         **metrics,
         "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "img_size": config["input_size"][-1],
@@ -183,6 +191,42 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
     if plot is not None:
         plot_plan(scores, plan, plot, title=f"{model_name}: {method}, {' '.join(budgets)}")
         click.echo(f"plot written to {plot}")
+
+
+@cli.command("quantize")
+@model_options
+@click.option("--calib", metavar="DIR|ARCHIVE|RECIPE.yaml",
+              help="Calibration images; without it, images are synthesized from the model (data-free, less accurate).")
+@click.option("--calib-count", type=click.IntRange(min=1), help="Calibration images (default: recipe's, else 32).")
+@click.option("--calib-seed", type=int, help="Seed for choosing calibration images (default: recipe's, else 0).")
+@click.option("--bits", help="One width for every layer, e.g. w8a8 or w4a4 (default w8a8).")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Per-layer bit plan (JSON) from `edgeq plan`.")
+@click.option("--method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit", show_default=True)
+@click.option("--reparam/--no-reparam", default=None, help="Ablation: post-LayerNorm channel-wise → layer-wise reparameterization.")
+@click.option("--log2/--no-log2", default=None, help="Ablation: log√2 (as log2) quantizer for post-Softmax activations.")
+@click.option("--clip/--no-clip", default=None, help="Ablation: LRP-QViT clipping of post-LayerNorm channel ranges.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where q.safetensors goes.")
+def quantize_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, bits, plan_path, method,
+                     reparam, log2, clip, out) -> None:
+    """Calibrate and quantize a model with uniform bits or a bit plan; write q.safetensors."""
+    import warnings
+
+    from edgeq.bitplan import resolve_plan
+    from edgeq.quant import quantize, save_quantized
+
+    plan = resolve_plan(bits, plan_path)
+    model = load_model_option(model_name, checkpoint, random_init)
+    images = None
+    if calib is not None:
+        images = load_calibration_option(model, calib, calib_count, calib_seed).images
+    else:
+        click.echo("edgeq: warning: no --calib given: calibrating on images synthesized from the model", err=True)
+    switches = {k: v for k, v in (("reparam", reparam), ("log2", log2), ("clip", clip)) if v is not None}
+    with progress_bar("calibrating") as update, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic-calibration warning was printed above
+        qmodel = quantize(model, images, plan, method=method, progress=lambda d, t, _what: update(d, t), **switches)
+    written = save_quantized(qmodel, out)
+    click.echo(f"quantized {model_name} ({method}, {plan.provenance.get('spec') or plan_path}) → {written}")
 
 
 def main(argv: list[str] | None = None) -> None:

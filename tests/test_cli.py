@@ -117,3 +117,38 @@ def test_plan_bad_budgets_keep_previous_plan(capsys, tiny_folder: Path, tmp_path
                           "--out", str(out))
     assert got == code and message in err and len(err.strip().splitlines()) == 1
     assert out.read_text() == "previous\n"
+
+
+def test_quantize_then_eval_quantized(capsys, tiny_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.safetensors"
+    code, stdout, err = run_cli(capsys, "quantize", "--model", "edgeq/vit-cifar10", "--random-init", "--calib",
+                                str(tiny_folder), "--calib-count", "8", "--bits", "w4a8", "--method", "repq",
+                                "--out", str(out))
+    assert code == 0, err
+    assert out.is_file() and "w4a8" in stdout
+    results = tmp_path / "r.json"
+    code, stdout, err = run_cli(capsys, "eval", "--model", "edgeq/vit-cifar10", "--quantized", str(out),
+                                "--data", str(tiny_folder), "--output", str(results))
+    assert code == 0, err
+    assert json.loads(results.read_text())["quantized"] == str(out)
+
+
+@pytest.mark.parametrize(
+    "extra, code, message",
+    [
+        (["--bits", "w9a8"], 20, "weight bits must be an integer from 2 to 8, got 9"),
+        (["--plan", "{plan}"], 20, "that the model does not have; closest: blocks.3.mlp.fc2, blocks.3.mlp.fc1"),
+        (["--calib-count", "2"], 21, "at least"),
+    ],
+    ids=["bits-range", "plan-unknown-layer", "too-few-images"],
+)
+def test_quantize_bad_input_keeps_previous_output(capsys, tiny_folder: Path, tmp_path: Path, extra, code, message):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"version": 1, "default": {"w": 8, "a": 8}, "layers": {"blocks.3.mlp.fc9": {"w": 4, "a": 8}}}')
+    out = tmp_path / "q.safetensors"
+    out.write_bytes(b"previous")
+    args = ["quantize", "--model", "edgeq/vit-cifar10", "--random-init", "--calib", str(tiny_folder),
+            "--out", str(out)] + [a.format(plan=plan) for a in extra]
+    got, _, err = run_cli(capsys, *args)
+    assert got == code and message in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"previous"
