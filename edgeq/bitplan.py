@@ -14,7 +14,6 @@ carried through untouched, so a plan can be audited.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from edgeq.errors import BitPlanError
-from edgeq.fileio import atomic_write_json
+from edgeq.fileio import atomic_write_json, read_json
 
 FORMAT_VERSION = 1
 MIN_BITS, MAX_BITS = 2, 8
@@ -112,16 +111,7 @@ class BitPlan:
 
 
 def read_plan(path: str | os.PathLike) -> BitPlan:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise BitPlanError(f"cannot read bit plan {path}: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BitPlanError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    return BitPlan.from_json(data, source=str(path))
+    return BitPlan.from_json(read_json(path, BitPlanError, "bit plan"), source=str(path))
 
 
 def write_plan(plan: BitPlan, path: str | os.PathLike) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import difflib
 import os
 import socket
-from dataclasses import dataclass
 from functools import lru_cache
 
 import timm

@@ -100,16 +100,9 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyTable":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise PlanningError(f"cannot read latency table {path}: {exc.strerror or exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanningError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        return cls.from_json(data, source=str(path))
+        from edgeq.fileio import read_json
+
+        return cls.from_json(read_json(path, PlanningError, "latency table"), source=str(path))
 
     def to_json(self) -> dict[str, Any]:
         return {
