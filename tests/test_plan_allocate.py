@@ -356,3 +356,17 @@ def test_layer_costs_of_the_reference_swin():
     # patch merging 8x8 tokens of 4*64 channels down to 128
     assert costs["layers.1.downsample.reduction"] == LayerCost(256 * 128, 64 * 256 * 128, 128, "linear")
     assert costs["head.fc"].params == 256 * 10
+
+
+def test_planner_layers_are_the_quantizers_and_unsupported_models_are_refused():
+    from edgeq.errors import UnsupportedModelError
+    from edgeq.plan import quantizable_layers
+    from edgeq.quant import quantizable_layers as quantizer_layers
+
+    torch.manual_seed(0)
+    model = REFERENCE_MODELS["edgeq/swin-cifar10"].build()
+    everything = quantizer_layers(model)
+    assert quantizable_layers(model) == everything
+    assert quantizable_layers(model, include_matmuls=False) == [n for n in everything if ".matmul_" not in n]
+    with pytest.raises(UnsupportedModelError, match="Sequential"):
+        layer_costs(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), (3, 2, 2))

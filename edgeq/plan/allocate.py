@@ -33,7 +33,7 @@ others. Constraints hold to a relative tolerance of 1e-7 (the solver's).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -56,14 +56,43 @@ from edgeq.plan.budget import (
 from edgeq.plan.latency import LatencyTable, load_latency_table
 
 __all__ = [
-    "DEFAULT_W_BITS", "DEFAULT_A_BITS", "SCALE_BYTES", "Budget", "parse_budget", "parse_budgets",
-    "format_budget", "allocate", "plan_metrics", "benefit_function",
+    "DEFAULT_W_BITS", "DEFAULT_A_BITS", "SCALE_BYTES", "AllocationOptions", "Budget", "parse_budget",
+    "parse_budgets", "format_budget", "allocate", "plan_metrics", "benefit_function",
 ]
 
 DEFAULT_W_BITS = (2, 3, 4, 6, 8)
 DEFAULT_A_BITS = (4, 6, 8)
 SCALE_BYTES = 4  # one float32 scale per output channel of a weight layer
 _TOLERANCE = 1e-7
+
+
+@dataclass(frozen=True)
+class AllocationOptions:
+    """What every planner hands to :func:`allocate` besides the objective and the budgets.
+
+    ``w_bits``/``a_bits``: candidate widths. ``benefit``: how a score turns into
+    an objective (module docstring). ``latency``: a table (or its file) for
+    ``latency-ms`` budgets, checked against ``model_name`` and ``target`` when
+    they are given. ``scale_bytes``: bytes per output-channel scale in
+    ``weight-bytes``.
+    """
+
+    w_bits: Sequence[int] = DEFAULT_W_BITS
+    a_bits: Sequence[int] = DEFAULT_A_BITS
+    benefit: str | Callable[[int], float] = "noise"
+    latency: LatencyTable | str | Mapping | None = None
+    model_name: str | None = None
+    target: str | None = None
+    scale_bytes: float = SCALE_BYTES
+
+    @classmethod
+    def merged(cls, options: "AllocationOptions | None" = None, **overrides: Any) -> "AllocationOptions":
+        """``options`` (or the defaults) with ``overrides`` (field names of this class) replaced."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown allocation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return replace(options or cls(), **overrides)
 
 
 def benefit_function(benefit: str | Callable[[int], float]) -> Callable[[int], float]:
@@ -184,35 +213,28 @@ def _build_problem(costs, scores, damage, w_bits, a_bits, benefit, latency) -> _
     names, choices, objective, held = [], [], [], []
     for name, cost in costs.items():
         pairs = _candidates(name, cost, w_bits, a_bits, latency)
-        if scores is not None:
-            value = scores.get(name)
-            if value is None:
-                held.append(name)
-                pairs = [max(pairs)]
-                coeffs = [0.0]
-            else:
-                value = float(value)
-                if not math.isfinite(value) or value < 0:
-                    raise PlanningError(f"score of layer {name!r} must be a finite non-negative number, got {value!r}")
-                coeffs = [-value * ((gain(w) if cost.has_weight else 0.0) + gain(a)) for w, a in pairs]
+        entry = scores.get(name) if scores is not None else damage.get(name)
+        if entry is None:  # unscored: held at the top widths, charged to the budgets
+            held.append(name)
+            pairs = [max(pairs)]
+            coeffs = [0.0]
+        elif scores is not None:
+            value = float(entry)
+            if not math.isfinite(value) or value < 0:
+                raise PlanningError(f"score of layer {name!r} must be a finite non-negative number, got {value!r}")
+            coeffs = [-value * ((gain(w) if cost.has_weight else 0.0) + gain(a)) for w, a in pairs]
         else:
-            table = damage.get(name)
-            if table is None:
-                held.append(name)
-                pairs = [max(pairs)]
-                coeffs = [0.0]
-            else:
-                given: dict[tuple[int, int], float] = {}
-                for key, value in table.items():
-                    given[_normalise_damage_key(key, not cost.has_weight, top_a)] = float(value)
-                usable = [p for p in pairs if p in given]
-                if not usable:
-                    raise PlanningError(f"damage table for layer {name!r} lists none of its candidate widths {pairs}")
-                for p in usable:
-                    if not math.isfinite(given[p]):
-                        raise PlanningError(f"damage of layer {name!r} at w{p[0]}a{p[1]} is not finite")
-                pairs = usable
-                coeffs = [given[p] for p in pairs]
+            given: dict[tuple[int, int], float] = {}
+            for key, value in entry.items():
+                given[_normalise_damage_key(key, not cost.has_weight, top_a)] = float(value)
+            usable = [p for p in pairs if p in given]
+            if not usable:
+                raise PlanningError(f"damage table for layer {name!r} lists none of its candidate widths {pairs}")
+            for p in usable:
+                if not math.isfinite(given[p]):
+                    raise PlanningError(f"damage of layer {name!r} at w{p[0]}a{p[1]} is not finite")
+            pairs = usable
+            coeffs = [given[p] for p in pairs]
         names.append(name)
         choices.append(pairs)
         objective.append(coeffs)
@@ -282,40 +304,39 @@ def allocate(
     *,
     scores: Mapping[str, float] | None = None,
     damage: Mapping[str, Mapping[Any, float]] | None = None,
-    w_bits: Sequence[int] = DEFAULT_W_BITS,
-    a_bits: Sequence[int] = DEFAULT_A_BITS,
-    benefit: str | Callable[[int], float] = "noise",
-    latency: LatencyTable | str | Mapping | None = None,
-    model_name: str | None = None,
-    target: str | None = None,
-    scale_bytes: float = SCALE_BYTES,
+    options: AllocationOptions | None = None,
     method: str = "ilp",
     provenance: Mapping[str, Any] | None = None,
     time_limit: float = 120.0,
+    **overrides: Any,
 ) -> BitPlan:
     """The bit plan that optimises the objective under every budget (see the module docstring).
 
     ``costs``: :func:`edgeq.plan.arch.layer_costs` output; its layers are the
-    ones planned. Give exactly one of ``scores`` and ``damage``. ``latency``:
-    a :class:`LatencyTable` or its file, required for a ``latency-ms`` budget
-    and, when given, checked against ``model_name`` and ``target`` (if given)
-    and against the layers of ``costs``. ``method`` is recorded in the plan's
-    provenance, with ``provenance`` merged in.
+    ones planned. Give exactly one of ``scores`` and ``damage``. ``options``
+    (:class:`AllocationOptions`), with ``overrides`` of its fields, e.g.
+    ``w_bits=(2, 4, 8)``: candidate widths, benefit, and the latency table,
+    required for a ``latency-ms`` budget and, when given, checked against
+    ``model_name`` and ``target`` (if given) and against the layers of
+    ``costs``. ``method`` is recorded in the plan's provenance, with
+    ``provenance`` merged in.
     """
+    opts = AllocationOptions.merged(options, **overrides)
+    benefit, latency, scale_bytes = opts.benefit, opts.latency, opts.scale_bytes
     budget_list = parse_budgets(budgets)
     if (scores is None) == (damage is None):
         raise PlanningError("allocate needs exactly one of scores and damage")
     if not costs:
         raise PlanningError("nothing to plan: no layers")
-    w_bits = sorted({int(b) for b in w_bits})
-    a_bits = sorted({int(b) for b in a_bits})
+    w_bits = sorted({int(b) for b in opts.w_bits})
+    a_bits = sorted({int(b) for b in opts.a_bits})
     if not w_bits or not a_bits:
         raise PlanningError("w_bits and a_bits must each list at least one width")
     if not all(MIN_BITS <= b <= MAX_BITS for b in (*w_bits, *a_bits)):
         raise PlanningError(f"candidate widths must lie in {MIN_BITS}..{MAX_BITS}; got w {w_bits}, a {a_bits}")
     table = load_latency_table(latency) if latency is not None else None
     if table is not None:
-        table.check(model=model_name, target=target, layers=costs)
+        table.check(model=opts.model_name, target=opts.target, layers=costs)
     if any(b.kind == LATENCY_MS for b in budget_list) and table is None:
         raise PlanningError("a latency-ms budget needs a latency table (measured for this model and target)")
 

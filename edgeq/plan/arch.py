@@ -9,6 +9,10 @@ Layer naming (the keys of every score dict, cost table and bit plan made here):
   ``<attention module name>.matmul_av`` (softmax(.) @ V). They carry no weight;
   only their activation width matters.
 
+The list of layers itself is the quantizer's
+(:func:`edgeq.quant.convert.quantizable_layers`): a plan may name exactly what
+``quantize`` quantizes.
+
 Supported attention modules are timm's ``Attention`` (ViT, DeiT, distilled
 DeiT) and ``WindowAttention`` (Swin). :func:`attention_forward` re-implements
 their forward pass step by step (never the fused kernel), so the planners can
@@ -26,6 +30,8 @@ import torch
 from torch import nn
 
 from edgeq.errors import PlanningError
+from edgeq.quant.convert import MATMUL_AV, MATMUL_QK
+from edgeq.quant.convert import quantizable_layers as quantizer_layers
 
 try:  # timm >= 1.0 keeps the ViT attention here
     from timm.layers.attention import Attention as _TimmAttention
@@ -34,7 +40,7 @@ except ImportError:  # pragma: no cover - older timm
 from timm.models.swin_transformer import WindowAttention as _SwinWindowAttention
 
 SUPPORTED_ATTENTION = (_TimmAttention, _SwinWindowAttention)
-MATMUL_SUFFIXES = ("matmul_qk", "matmul_av")
+MATMUL_SUFFIXES = (MATMUL_QK, MATMUL_AV)
 
 # Called as record(kind, attention_module_name, tensor) with kind "attn" (softmax
 # probabilities, before any detach) or "matmul_av" (the A @ V product).
@@ -73,22 +79,15 @@ def matmul_layers(model: nn.Module) -> list[str]:
 def quantizable_layers(model: nn.Module, include_matmuls: bool = True) -> list[str]:
     """Every layer a bit plan can name, in execution order.
 
-    Weight layers in module order; with ``include_matmuls`` each attention's
-    ``matmul_qk`` and ``matmul_av`` come between its ``qkv`` and its ``proj``.
+    The quantizer decides what it quantizes, so this is
+    :func:`edgeq.quant.convert.quantizable_layers` (which refuses models it
+    cannot quantize); without ``include_matmuls`` the attention matmuls are
+    left out.
     """
-    names = weight_layers(model)
-    if not include_matmuls:
+    names = quantizer_layers(model)
+    if include_matmuls:
         return names
-    pending = {f"{attn}.proj": attn for attn in attention_modules(model)}
-    ordered: list[str] = []
-    for name in names:
-        attn = pending.pop(name, None)
-        if attn is not None:
-            ordered += [f"{attn}.{suffix}" for suffix in MATMUL_SUFFIXES]
-        ordered.append(name)
-    for attn in pending.values():  # an attention without a proj Linear: matmuls last
-        ordered += [f"{attn}.{suffix}" for suffix in MATMUL_SUFFIXES]
-    return ordered
+    return [name for name in names if name.rpartition(".")[2] not in MATMUL_SUFFIXES]
 
 
 def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

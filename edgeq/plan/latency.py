@@ -17,7 +17,6 @@ not have, or any malformed entry is a :class:`~edgeq.errors.PlanningError`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -116,10 +115,9 @@ class LatencyTable:
         }
 
     def write(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        from edgeq.fileio import atomic_write_json
+
+        return atomic_write_json(path, self.to_json())
 
     def check(self, model: str | None = None, target: str | None = None, layers: Iterable[str] | None = None) -> None:
         """Refuse a table measured for another model or target, or not covering exactly ``layers``."""

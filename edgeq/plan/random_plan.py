@@ -10,15 +10,14 @@ and budgets give the same plan.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from edgeq.bitplan import BitPlan
-from edgeq.plan.allocate import DEFAULT_A_BITS, DEFAULT_W_BITS, SCALE_BYTES, allocate
+from edgeq.plan.allocate import AllocationOptions, allocate
 from edgeq.plan.arch import LayerCost
 from edgeq.plan.budget import Budget
-from edgeq.plan.latency import LatencyTable
 
 
 def random_scores(layers: Sequence[str], seed: int = 0, scores: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -41,19 +40,16 @@ def random_plan(
     *,
     seed: int = 0,
     scores: Mapping[str, float] | None = None,
-    w_bits: Sequence[int] = DEFAULT_W_BITS,
-    a_bits: Sequence[int] = DEFAULT_A_BITS,
-    benefit: str | Callable[[int], float] = "noise",
-    latency: LatencyTable | str | Mapping | None = None,
-    model_name: str | None = None,
-    target: str | None = None,
-    scale_bytes: float = SCALE_BYTES,
+    options: AllocationOptions | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    **overrides: Any,
 ) -> BitPlan:
-    """A seeded random plan meeting ``budgets`` (see the module docstring)."""
+    """A seeded random plan meeting ``budgets`` (see the module docstring).
+
+    ``options``, ``provenance`` and ``overrides``: as for :func:`edgeq.plan.allocate.allocate`.
+    """
     layers = list(costs)
     drawn = random_scores(layers, seed=seed, scores=scores)
-    extra: dict[str, Any] = {"seed": int(seed), "random_scores": "shuffled" if scores is not None else "dirichlet"}
-    return allocate(
-        costs, budgets, scores=drawn, w_bits=w_bits, a_bits=a_bits, benefit=benefit, latency=latency,
-        model_name=model_name, target=target, scale_bytes=scale_bytes, method="random", provenance=extra,
-    )
+    extra: dict[str, Any] = {"seed": int(seed), "random_scores": "shuffled" if scores is not None else "dirichlet",
+                             **dict(provenance or {})}
+    return allocate(costs, budgets, scores=drawn, options=options, method="random", provenance=extra, **overrides)
