@@ -111,6 +111,22 @@ def test_log2_av(family, shape):
         np.testing.assert_array_equal(out, ref.log2_av(p, v, v_zp, base_shift, zero_code))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(3, 197, 197, 64), (2, 7, 9, 13)])
+def test_log2_av_sqrt2_codes(family, shape):
+    """Log-sqrt(2) codes at the softmax-bounded shift (21) and at the general one: all parities, deep codes."""
+    rng = np.random.default_rng(8)
+    h, t, s, d = shape
+    for v_dtype, v_zp, base_shift, zero_code in (("uint8", 131, 21, 255), ("int8", -128, 14, 255),
+                                                 ("uint8", 0, 7, 15)):
+        kern = log2_av_kernel(h, t, s, d, TARGET, v_dtype=v_dtype, v_zp=v_zp, base_shift=base_shift,
+                              zero_code=zero_code, odd_multiplier=53, frac_bits=7, family=family)
+        p = np.minimum(rng.geometric(0.05, (h, t, s)) - 1, 255).astype(np.uint8)
+        v = rand(rng, v_dtype, (h, s, d))
+        out = HostKernel(kern.func, kern.name, TARGET)(p, v, out_shape=(h, t, d), out_dtype="int32")
+        np.testing.assert_array_equal(out, ref.log2_av(p, v, v_zp, base_shift, zero_code, 53, 7))
+
+
 def test_host_family_and_instructions():
     """On an AVX2 host int8 weights use vpmaddwd (exact), int4 weights vpmaddubsw (exact for int4)."""
     if HOST_FAMILY != "x86_avx2":

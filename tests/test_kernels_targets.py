@@ -115,6 +115,13 @@ def test_aarch64_attention_bit_exact_under_qemu(target):
     v = rng.integers(-128, 128, (2, 9, 13)).astype(np.int8)
     out = run_aarch64(kern.func, kern.name, target, [p, v], (2, 7, 13), "int32")
     np.testing.assert_array_equal(out, ref.log2_av(p, v, 5, 15, 15))
+    # log-sqrt(2) codes at the softmax-bounded shift: the same int32 results as the reference (and so as x86)
+    kern = log2_av_kernel(2, 7, 9, 13, target, v_dtype="uint8", v_zp=131, base_shift=21, zero_code=255,
+                          odd_multiplier=53, frac_bits=7)
+    p = np.minimum(rng.geometric(0.05, (2, 7, 9)) - 1, 255).astype(np.uint8)
+    v = rng.integers(0, 256, (2, 9, 13)).astype(np.uint8)
+    out = run_aarch64(kern.func, kern.name, target, [p, v], (2, 7, 13), "int32")
+    np.testing.assert_array_equal(out, ref.log2_av(p, v, 131, 21, 255, 53, 7))
 
 
 @pytest.mark.parametrize("make", [

@@ -11,8 +11,10 @@ points enter as row/column-sum corrections, so the inner loop multiplies raw int
 (``q' = q - 128`` and ``qz' = qz - 128`` for uint8 inputs, else unchanged; all modulo 2**32).
 
 ``log2_av_kernel`` PrimFunc: ``f(p_code[H,T,S] uint8, v[H,S,D], out[H,T,D] int32)``: ``v`` is turned into
-``(v - v_zp) << base_shift`` once, then every probability is an arithmetic right shift of a whole
-``D``-vector (``vpsrad``/``sshl`` with one shift amount per (t, s)), masked out for zero codes. No multiply.
+``(v - v_zp) << base_shift`` once (for log-sqrt(2) codes also ``(v - v_zp) * (2**F + M) << (base_shift - F)``,
+picked by the code's parity), then every probability is an arithmetic right shift of a whole ``D``-vector
+(``vpsrad``/``sshl`` with one shift amount per (t, s), plus a rounding constant), masked out for zero codes.
+No multiply in the loop over ``S``.
 """
 from __future__ import annotations
 
@@ -222,11 +224,14 @@ def _schedule_qk_gpu(func: tirx.PrimFunc, micro: Microkernel) -> tirx.PrimFunc:
 
 def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "int8", v_zp: int = 0,
                    base_shift: int = 15, zero_code: int = 255, family: str | None = None,
-                   name: str | None = None, rows: int | None = None, d_vectors: int | None = None) -> AttentionKernel:
+                   name: str | None = None, rows: int | None = None, d_vectors: int | None = None,
+                   odd_multiplier: int | None = None, frac_bits: int = 0) -> AttentionKernel:
     """Scheduled PrimFunc for ``p_code[H,T,S] uint8, v[H,S,D] -> int32 [H,T,D]`` (shifts, no multiplies).
 
     CPU schedule: ``rows`` output rows x ``d_vectors`` int32 vectors of accumulators stay in registers while
     the loop over ``S`` broadcasts each code's shift amount and zero mask over whole vectors of ``v``.
+    ``odd_multiplier``/``frac_bits``: read the codes as log-sqrt(2) codes (``2**-ceil(c/2)``, odd codes times
+    ``(2**F + M) / 2**F``, needs ``base_shift >= frac_bits``), as :func:`reference.log2_av` does with them.
     """
     if v_dtype not in ("int8", "uint8"):
         raise ValueError(f"v dtype must be int8 or uint8, not {v_dtype!r}")
@@ -237,55 +242,87 @@ def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "in
         raise ValueError(f"base_shift must be in 0..{ref.MAX_BASE_SHIFT}")
     if not 0 <= zero_code <= 256:
         raise ValueError("zero_code must be in 0..256")
+    sqrt2 = None
+    if odd_multiplier is not None:
+        ref.check_log2_sqrt2(base_shift, odd_multiplier, frac_bits)
+        sqrt2 = (int(odd_multiplier), int(frac_bits))
     tgt = as_target(target)
     micro = select_microkernel(tgt, family)
     if micro.family == "cuda":
-        func = _schedule_av_gpu(_log2_av_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code))
+        func = _schedule_av_gpu(_log2_av_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, sqrt2))
     else:
         vl = {"x86_avx2": 8, "arm_neon": 4, "arm_dotprod": 4}.get(micro.family, 8)
         many_registers = micro.family in ("arm_neon", "arm_dotprod")  # 32 vector registers
         rows = rows or 2
         d_vectors = d_vectors or (8 if many_registers else 4)
-        func = _log2_av_vector_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, vl, rows)
+        func = _log2_av_vector_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, vl, rows, sqrt2)
         func = _schedule_av_vector(func, rows, d_vectors)
-    name = name or (f"edgeq_log2av_{micro.family}_h{h}t{t}s{s}d{d}_{v_dtype}z{v_zp}_S{base_shift}_zc{zero_code}"
+    mode = "" if sqrt2 is None else f"_M{sqrt2[0]}F{sqrt2[1]}"
+    name = name or (f"edgeq_log2av_{micro.family}_h{h}t{t}s{s}d{d}_{v_dtype}z{v_zp}_S{base_shift}_zc{zero_code}{mode}"
                     .replace("-", "m"))
     func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
     return AttentionKernel(func, name, ((h, t, s), (h, s, d)), ("uint8", v_dtype), (h, t, d), "int32", micro)
 
 
-def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, rows) -> tirx.PrimFunc:
+def _code_form_and_shift(code, sqrt2):
+    """(which prepared form of ``v``, shift amount, rounding constant or None) of a code (int32 expr).
+
+    Log2 codes: form 0, floor shift by ``c``. Log-sqrt(2) codes: form ``c & 1`` (``v * 2**S`` or
+    ``v * 2**S * mant``), shift ``min(ceil(c/2), 31)`` rounded half up, as :func:`reference.log2_av`.
+    """
+    if sqrt2 is None:
+        return tirx.const(0, "int32"), tirx.min(code, 31), None
+    amount = tirx.min(tirx.shift_right(code + 1, 1), 31)
+    # 2**(amount - 1), or 0 for amount 0; never 1 << 31 (int32 overflow: LLVM may fold it to anything)
+    rnd = tirx.shift_left(tirx.min(amount, 1), tirx.max(amount - 1, 0))
+    return tirx.bitwise_and(code, 1), amount, rnd
+
+
+def _prepared_v(V, D, v_dtype, v_zp, base_shift, sqrt2, vh, vf, vs, vd):
+    """Form ``vf`` of ``v[vh, vs, vd]``: ``(v - zp) << S`` or ``(v - zp) * (2**F + M) << (S - F)`` (0 past D)."""
+    centered = tirx.Cast("int32", V[vh, vs, tirx.min(vd, D - 1)]) - v_zp
+    form0 = tirx.shift_left(centered, base_shift)
+    if sqrt2 is None:
+        val = form0
+    else:
+        mult, frac = sqrt2
+        form1 = tirx.shift_left(centered * (2**frac + mult), base_shift - frac)
+        val = tirx.if_then_else(vf == 1, form1, form0)
+    return tirx.if_then_else(vd < D, val, 0)
+
+
+def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, rows, sqrt2=None) -> tirx.PrimFunc:
     """Vector-granular log2 ``p @ v``: one block step adds ``vl`` lanes of one (t, s) term."""
     Tp = ceil_div(TQ, rows) * rows
     DV = ceil_div(D, vl)
     Dp = DV * vl
-
-    def shifted_v(V, vh, vs, vd):
-        val = tirx.shift_left(tirx.Cast("int32", V[vh, vs, tirx.min(vd, D - 1)]) - v_zp, base_shift)
-        return tirx.if_then_else(vd < D, val, 0)
+    NF = 1 if sqrt2 is None else 2
 
     def step(acc, Pc, VS, vh, vt, vs, vj):
         code = tirx.Cast("int32", Pc[vh, tirx.min(vt, TQ - 1), vs])
-        amount = tirx.Broadcast(tirx.min(code, 31), vl)
+        form, shift, rnd = _code_form_and_shift(code, sqrt2)
+        amount = tirx.Broadcast(shift, vl)
         mask = tirx.Broadcast(tirx.Cast("int32", code < zero_code) * -1, vl)
-        vec = VS[vh, vs, tirx.Ramp(vj * vl, 1, vl)]
+        vec = VS[vh, form, vs, tirx.Ramp(vj * vl, 1, vl)]
+        if rnd is not None:
+            vec = vec + tirx.Broadcast(rnd, vl)
         return acc + tirx.bitwise_and(tirx.shift_right(vec, amount), mask)
 
     @T.prim_func(s_tir=True)
     def func(Pc: T.Buffer((H, TQ, S), "uint8"), V: T.Buffer((H, S, D), v_dtype), O: T.Buffer((H, TQ, D), "int32")):
         T.func_attr({"tirx.noalias": True})
-        VS = T.sblock_alloc_buffer((H, S, Dp), "int32")
+        VS = T.sblock_alloc_buffer((H, NF, S, Dp), "int32")
         C = T.sblock_alloc_buffer((H, Tp, Dp), "int32")
-        for hh, ss, dd in T.grid(H, S, Dp):
+        for hh, ff, ss, dd in T.grid(H, NF, S, Dp):
             with T.sblock("VS"):
-                vh, vs, vd = T.axis.remap("SSS", [hh, ss, dd])
+                vh, vf, vs, vd = T.axis.remap("SSSS", [hh, ff, ss, dd])
                 T.reads(V[vh, vs, 0:D])
-                T.writes(VS[vh, vs, vd])
-                VS[vh, vs, vd] = shifted_v(V, vh, vs, vd)
+                T.writes(VS[vh, vf, vs, vd])
+                VS[vh, vf, vs, vd] = _prepared_v(V, D, v_dtype, v_zp, base_shift, sqrt2, vh, vf, vs, vd)
         for hh, tt, j, ss in T.grid(H, Tp, DV, S):
             with T.sblock("C"):
                 vh, vt, vj, vs = T.axis.remap("SSSR", [hh, tt, j, ss])
-                T.reads(Pc[vh, 0:TQ, vs], VS[vh, vs, vj * vl: vj * vl + vl])
+                T.reads(Pc[vh, 0:TQ, vs], VS[vh, 0:NF, vs, vj * vl: vj * vl + vl])
                 T.writes(C[vh, vt, vj * vl: vj * vl + vl])
                 with T.init():
                     C[vh, vt, T.ramp(vj * vl, 1, vl)] = T.broadcast(T.int32(0), vl)
@@ -321,23 +358,23 @@ def _schedule_av_vector(func: tirx.PrimFunc, rows: int, d_vectors: int) -> tirx.
     return sch.mod["main"]
 
 
-def _log2_av_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code) -> tirx.PrimFunc:
-    def shifted_v(V, vh, vs, vd):
-        return tirx.shift_left(tirx.Cast("int32", V[vh, vs, vd]) - v_zp, base_shift)
+def _log2_av_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, sqrt2=None) -> tirx.PrimFunc:
+    NF = 1 if sqrt2 is None else 2
 
     def term(Pc, VS, vh, vt, vs, vd):
         code = tirx.Cast("int32", Pc[vh, vt, vs])
-        shifted = tirx.shift_right(VS[vh, vs, vd], tirx.min(code, 31))
-        return tirx.if_then_else(code < zero_code, shifted, 0)
+        form, shift, rnd = _code_form_and_shift(code, sqrt2)
+        value = VS[vh, form, vs, vd] if rnd is None else VS[vh, form, vs, vd] + rnd
+        return tirx.if_then_else(code < zero_code, tirx.shift_right(value, shift), 0)
 
     @T.prim_func(s_tir=True)
     def func(Pc: T.Buffer((H, TQ, S), "uint8"), V: T.Buffer((H, S, D), v_dtype), O: T.Buffer((H, TQ, D), "int32")):
         T.func_attr({"tirx.noalias": True})
-        VS = T.sblock_alloc_buffer((H, S, D), "int32")
-        for hh, ss, dd in T.grid(H, S, D):
+        VS = T.sblock_alloc_buffer((H, NF, S, D), "int32")
+        for hh, ff, ss, dd in T.grid(H, NF, S, D):
             with T.sblock("VS"):
-                vh, vs, vd = T.axis.remap("SSS", [hh, ss, dd])
-                VS[vh, vs, vd] = shifted_v(V, vh, vs, vd)
+                vh, vf, vs, vd = T.axis.remap("SSSS", [hh, ff, ss, dd])
+                VS[vh, vf, vs, vd] = _prepared_v(V, D, v_dtype, v_zp, base_shift, sqrt2, vh, vf, vs, vd)
         for hh, tt, dd, ss in T.grid(H, TQ, D, S):
             with T.sblock("AV"):
                 vh, vt, vd, vs = T.axis.remap("SSSR", [hh, tt, dd, ss])

@@ -40,6 +40,24 @@ Log2 attention probabilities (:func:`log2_av`)
     ``p @ v``. The floor is an arithmetic right shift (``((v - v_zp) << S) >> c``, shift amounts
     above 31 behave as 31, which is the same floor). Worst case ``T * 255 * 2**S < 2**31`` keeps it
     free of wrap (S = 15 allows T <= 257).
+
+    Log-sqrt(2) codes read as log2 (edgeq's post-Softmax quantizer, ``odd_multiplier=M``, ``frac_bits=F``):
+    a code ``c`` stands for ``p = 2**-ceil(c/2) * (2**F + (c mod 2) * M) / 2**F``. ``v`` is prepared once in
+    two forms, exact because ``S >= F``::
+
+        v0 = (v - v_zp) << S;   v1 = (v - v_zp) * (2**F + M) << (S - F)      # v * 2**S and v * 2**S * mant
+        e = (c + 1) >> 1;  a = min(e, 31)
+        term = (v_{c & 1} + r) >> a;  r = 2**(a - 1) if a > 0 else 0          # rounded half up
+
+    (rounded, not floored: the many tiny-probability terms of an 8-bit code would otherwise all round the
+    same way; no multiply per term). Every term is ``round((v - v_zp) * 2**S * p / s)``, exact to 1/2, so
+    ``acc * 2**-S * s * v_scale`` is ``p @ v`` to ``T / 2`` units of ``2**-S * v_scale``.
+
+    Headroom (:func:`log2_av_max_shift`): per term ``255 * 2**S * (2**F + M) / 2**F < 2**30`` (the rounding
+    constant adds up to ``2**30``), and for the sum ``sum_j |term_j| < 2**31``, i.e. ``Tk * 255 * 2**S *
+    mant_max`` in general, or ``255 * 2**S * B + Tk`` when the caller has proved ``sum_j p_j / s <= B``
+    (softmax probabilities: ``B ~ 1.19 / s``, see :mod:`edgeq.lower.passes.attention`). The int32 sum is
+    taken modulo 2**32 anyway, so only the final value must fit; it does under either bound.
 """
 from __future__ import annotations
 
@@ -61,6 +79,8 @@ __all__ = [
     "qlinear",
     "qmatmul_qk",
     "log2_av",
+    "log2_av_max_shift",
+    "check_log2_sqrt2",
 ]
 
 INT32_MAX = 2**31 - 1
@@ -236,12 +256,42 @@ def qmatmul_qk(q, k, q_zp: int = 0, k_zp: int = 0) -> np.ndarray:
     return np.einsum("hid,hjd->hij", qs, ks).astype(np.int32)
 
 
-def log2_av(p_code, v, v_zp: int = 0, base_shift: int = 15, zero_code: int = 255) -> np.ndarray:
+def log2_av_max_shift(tk: int, odd_multiplier: int | None = None, frac_bits: int = 0,
+                      prob_sum: float | None = None) -> int:
+    """The largest ``base_shift`` for which :func:`log2_av` over ``tk`` terms can neither wrap nor overflow.
+
+    ``prob_sum``: a proven bound on ``sum_j p_j / s`` over one output row (``p_j`` the dequantized code
+    values); without it every probability may be the largest one (``tk`` times code 0).
+    """
+    if odd_multiplier is None:
+        mant, min_shift = 1.0, 0
+    else:
+        mant, min_shift = (2**frac_bits + int(odd_multiplier)) / 2**frac_bits, frac_bits
+    room = 2**31 if odd_multiplier is None else 2**30   # the rounding constant takes up to 2**30
+
+    def fits(shift: int) -> bool:
+        per_term = 255 * mant * 2**shift
+        per_sum = tk * per_term if prob_sum is None else 255 * 2**shift * float(prob_sum) + tk
+        return per_term < room and per_sum < 2**31
+
+    if prob_sum is not None and not (math.isfinite(prob_sum) and prob_sum > 0):
+        raise ValueError(f"prob_sum must be a finite positive bound, got {prob_sum!r}")
+    if not fits(min_shift):
+        raise ValueError(f"log2_av cannot be exact for tk={tk}, odd_multiplier={odd_multiplier}, frac_bits={frac_bits}")
+    shift = min_shift
+    while shift < MAX_BASE_SHIFT and fits(shift + 1):
+        shift += 1
+    return shift
+
+
+def log2_av(p_code, v, v_zp: int = 0, base_shift: int = 15, zero_code: int = 255,
+            odd_multiplier: int | None = None, frac_bits: int = 0) -> np.ndarray:
     """``softmax(.) @ v`` with log2-quantized probabilities, multiplies replaced by shifts.
 
     ``p_code``: uint8 [H, T, Tk] (``p ~= 2**-code``, codes ``>= zero_code`` are 0);
     ``v``: int8/uint8 [H, Tk, D]; result int32 [H, T, D] in units of ``2**-base_shift * v_scale``.
-    See the module docstring for the exact formula.
+    With ``odd_multiplier`` the codes are log-sqrt(2) codes read as log2 (``2**-ceil(c/2)`` times the
+    odd-code mantissa, ``base_shift >= frac_bits``), each term rounded half up. See the module docstring.
     """
     p = np.asarray(p_code)
     if p.dtype != np.uint8:
@@ -253,13 +303,36 @@ def log2_av(p_code, v, v_zp: int = 0, base_shift: int = 15, zero_code: int = 255
         raise ValueError(f"base_shift must be in 0..{MAX_BASE_SHIFT}, got {base_shift}")
     if not 0 <= zero_code <= 256:
         raise ValueError(f"zero_code must be in 0..256, got {zero_code}")
-    vs = (v.astype(np.int64) - int(v_zp)) << base_shift  # [H, Tk, D], |.| < 2**31
+    centered = v.astype(np.int64) - int(v_zp)
     c = p.astype(np.int64)
     live = c < zero_code
-    amount = np.minimum(c, 31)
-    # terms[h, t, j, d] = vs[h, j, d] >> amount[h, t, j]; summed over j without building [H,T,Tk,D] at once
+    if odd_multiplier is None:
+        forms = np.stack([centered << base_shift])        # [1, H, Tk, D]
+        which = np.zeros_like(c)
+        amount = np.minimum(c, 31)
+        rnd = np.zeros_like(amount)
+    else:
+        check_log2_sqrt2(base_shift, odd_multiplier, frac_bits)
+        v1 = centered * (2**frac_bits + int(odd_multiplier)) << (base_shift - frac_bits)
+        forms = np.stack([centered << base_shift, v1])
+        which = c & 1
+        amount = np.minimum((c + 1) >> 1, 31)
+        rnd = (np.int64(1) << amount) >> 1
+    # terms[h, t, j, d] = (forms[which, h, j, d] + rnd) >> amount[h, t, j]; summed over j without [H,T,Tk,D]
     out = np.zeros((p.shape[0], p.shape[1], v.shape[2]), dtype=np.int64)
+    heads = np.arange(p.shape[0])[:, None]
     for j in range(p.shape[2]):
-        term = vs[:, j, None, :] >> amount[:, :, j, None]
+        vj = forms[which[:, :, j], heads, j, :]             # [H, T, D]
+        term = (vj + rnd[:, :, j, None]) >> amount[:, :, j, None]
         out += np.where(live[:, :, j, None], term, 0)
     return out.astype(np.int32)
+
+
+def check_log2_sqrt2(base_shift: int, odd_multiplier: int, frac_bits: int) -> None:
+    """Refuse a log-sqrt(2) reading :func:`log2_av` cannot take (ranges; ``v1`` exact needs S >= F)."""
+    if not 1 <= frac_bits <= 16 or not 0 <= int(odd_multiplier) < 2**frac_bits:
+        raise ValueError(f"odd_multiplier {odd_multiplier} / frac_bits {frac_bits} out of range")
+    if base_shift < frac_bits:
+        raise ValueError(f"base_shift {base_shift} must be >= frac_bits {frac_bits} for log-sqrt(2) codes")
+    if 255 * (2**frac_bits + int(odd_multiplier)) << (base_shift - frac_bits) >= 2**30:
+        raise ValueError(f"base_shift {base_shift} overflows int32 with the odd-code mantissa")

@@ -29,11 +29,15 @@ def add_kernel(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str) -> re
     return bb.add_func(func, name)
 
 
-def emit_call(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, args, out_shape, out_dtype: str):
-    """``R.call_tir`` of a kernel PrimFunc; ``args`` are Relax expressions or numpy arrays (made constants)."""
+def emit_call(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, args, out_shape, out_dtype: str,
+              name_hint: str = ""):
+    """``R.call_tir`` of a kernel PrimFunc; ``args`` are Relax expressions or numpy arrays (made constants).
+
+    ``name_hint`` names the bound var (the lowering passes use the edgeq layer name).
+    """
     gv = add_kernel(bb, func, name)
     rargs = [relax.const(a) if isinstance(a, np.ndarray) else a for a in args]
-    return bb.emit(relax.call_tir(gv, rargs, relax.TensorType(tuple(out_shape), out_dtype)))
+    return bb.emit(relax.call_tir(gv, rargs, relax.TensorType(tuple(out_shape), out_dtype)), name_hint=name_hint)
 
 
 def emit_qlinear(bb: relax.BlockBuilder, kernel: QLinearKernel, x: relax.Expr, packed: dict[str, np.ndarray]):

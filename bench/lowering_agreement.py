@@ -1,0 +1,143 @@
+"""Top-1 agreement of the compiled integer program with the PyTorch fake-quant model on CIFAR-10 val.
+
+For one reference model and one bit plan: calibrate and quantize (lrp-qvit, the calibration recipe's images),
+export ONNX QDQ, import into Relax, lower to integer kernels (``edgeq.lower.integer.lower_integer``), compile
+for the host with ``edgeq.compile.build`` and run the class-balanced val subset through both. Prints one JSON
+object: top-1 agreement, accuracies of both, the relative logit error, times. For scale, the same ONNX file run
+by onnxruntime (float QDQ, no integer kernels) is compared with the fake-quant model too (``onnxruntime_*``):
+float reassociation alone flips some activation codes, so that is the noise floor of any lowering.
+
+    python bench/lowering_agreement.py --model edgeq/vit-cifar10 --bits w8a8 --limit 1000
+    python bench/lowering_agreement.py --model edgeq/swin-cifar10 --bits w4a4 --limit 500
+    python bench/lowering_agreement.py --model edgeq/vit-cifar10 --plan plan.json --limit 1000
+    python bench/lowering_agreement.py --model edgeq/vit-cifar10 --mixed 0 --limit 1000   # seeded random mix
+
+``--batch`` is the compiled module's batch size (images are padded to a multiple of it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("EDGEQ_DATA", str(REPO.parent / "shared" / "data"))
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+from edgeq.bitplan import BitPlan, LayerBits, read_plan  # noqa: E402
+from edgeq.data import data_config  # noqa: E402
+from edgeq.data.calibration import CalibrationRecipe, load_calibration, resolve_recipe  # noqa: E402
+from edgeq.models import REFERENCE_MODELS, create_model  # noqa: E402
+from edgeq.quant import quantize  # noqa: E402
+from edgeq.quant.convert import quantizable_layers  # noqa: E402
+
+MIXED_CHOICES = (LayerBits(8, 8), LayerBits(4, 8), LayerBits(4, 4), LayerBits(6, 6))
+
+
+def mixed_plan(model: torch.nn.Module, seed: int) -> BitPlan:
+    """A seeded random mix of W8A8 / W4A8 / W4A4 / W6A6 over every quantizable layer."""
+    rng = random.Random(seed)
+    layers = {name: rng.choice(MIXED_CHOICES) for name in quantizable_layers(model)}
+    return BitPlan(LayerBits(8, 8), layers, {"method": "bench-mixed", "seed": seed})
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="edgeq/vit-cifar10", choices=sorted(REFERENCE_MODELS))
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--bits", default=None, help="wNaM (default w8a8)")
+    group.add_argument("--plan", default=None, help="bit plan JSON")
+    group.add_argument("--mixed", type=int, default=None, metavar="SEED", help="seeded random mixed plan")
+    parser.add_argument("--val", default="cifar10/val.tar.gz")
+    parser.add_argument("--calib", default=str(REPO / "calibration" / "cifar10-32.yaml"))
+    parser.add_argument("--limit", type=int, default=1000, help="class-balanced val images (0: all)")
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    import tvm
+    from tvm import relax
+
+    from edgeq.compile import build
+    from edgeq.lower.export import export_onnx, onnx_logits
+    from edgeq.lower.integer import integer_kernel_calls, lower_integer, weight_bytes
+    from edgeq.lower.relax_import import import_onnx
+
+    times = {}
+    model = create_model(args.model, pretrained=True)
+    config = data_config(model)
+    if args.plan:
+        plan, plan_name = read_plan(args.plan), args.plan
+    elif args.mixed is not None:
+        plan, plan_name = mixed_plan(model, args.mixed), f"mixed-seed{args.mixed}"
+    else:
+        plan_name = args.bits or "w8a8"
+        plan = BitPlan.from_spec(plan_name)
+    val = load_calibration(CalibrationRecipe(data=args.val, count=args.limit or sys.maxsize, seed=0), config)
+    calib = load_calibration(resolve_recipe(args.calib, seed=0), config).images
+
+    start = time.perf_counter()
+    qmodel = quantize(model, calib, plan, method="lrp-qvit")
+    times["quantize_s"] = time.perf_counter() - start
+    images, labels = val.images, val.labels.numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = export_onnx(qmodel, Path(tmp) / "model.onnx")
+        mod = lower_integer(import_onnx(path, batch=args.batch), "host")
+        times["lower_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        ort = onnx_logits(path, images)
+        times["onnxruntime_run_s"] = time.perf_counter() - start
+    kernels = sum(1 for _ in integer_kernel_calls(mod))
+    start = time.perf_counter()
+    executable = build(mod, "host")
+    times["build_s"] = time.perf_counter() - start
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+
+    pad = (-len(images)) % args.batch
+    padded = torch.cat([images, images[:pad]]) if pad else images
+    start = time.perf_counter()
+    got = np.concatenate([vm["main"](tvm.runtime.tensor(padded[i:i + args.batch].numpy())).numpy()
+                          for i in range(0, len(padded), args.batch)])[:len(images)]
+    times["compiled_run_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        ref = torch.cat([qmodel(images[i:i + 100]) for i in range(0, len(images), 100)]).numpy()
+    times["torch_run_s"] = time.perf_counter() - start
+    result = {
+        "model": args.model, "plan": plan_name, "images": len(images), "batch": args.batch,
+        "integer_kernels": kernels, "quantized_layers": len(qmodel.metadata["layers"]),
+        "weight_bytes": weight_bytes(mod),
+        "agreement_top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+        "compiled_top1": float((got.argmax(-1) == labels).mean()),
+        "fakequant_top1": float((ref.argmax(-1) == labels).mean()),
+        "logits_rel_err": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+        "logits_max_abs_err": float(np.abs(got - ref).max()),
+        "onnxruntime_agreement_top1": float((ort.argmax(-1) == ref.argmax(-1)).mean()),
+        "onnxruntime_logits_rel_err": float(np.linalg.norm(ort - ref) / np.linalg.norm(ref)),
+        **{k: round(v, 1) for k, v in times.items()},
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        from edgeq.fileio import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""edgeq's Relax passes: each rewrites one quantized pattern of an imported ONNX QDQ model into integer kernels.
+
+* :class:`FuseQLinear` (:mod:`.qlinear`) -- Linear layers and the patch-embedding conv -> ``qlinear`` kernels
+  (int8 or packed int4 weights, int32 bias, fixed-point requantization when a quantize follows);
+* :class:`FuseQMatmul` (:mod:`.attention`) -- ``q @ k^T`` (any matmul of two quantized activations) -> ``qk``;
+* :class:`FuseLog2AV` (:mod:`.attention`) -- ``softmax @ v`` with log2 codes -> shift-based ``log2_av``;
+* :class:`RemoveDeadQDQ` (:mod:`.cleanup`) -- drop the dead dequantize chains, refuse quantized ops left in float.
+
+:func:`edgeq.lower.integer.lower_integer` runs them in this order.
+"""
+from .attention import FuseLog2AV, FuseQMatmul
+from .cleanup import RemoveDeadQDQ
+from .qlinear import FuseQLinear
+
+__all__ = ["FuseLog2AV", "FuseQLinear", "FuseQMatmul", "RemoveDeadQDQ"]
