@@ -63,6 +63,12 @@ class ArtifactTargetMismatchError(EdgeqError):
     exit_code = 72
 
 
+class ArtifactError(EdgeqError):
+    """A build directory that is missing, incomplete, of an unknown version, or changed after the build (file named)."""
+
+    exit_code = 40
+
+
 class BitPlanError(EdgeqError):
     """A bit plan file or bit spec that is malformed, out of range, or names unknown layers."""
 

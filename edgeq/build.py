@@ -1,0 +1,464 @@
+"""``edgeq build``: from a timm model to a deployable artifact directory (see :mod:`edgeq.artifact`).
+
+Stages, each a plain function of the one before::
+
+    calibrate -> (plan) -> quantize -> export ONNX -> import to Relax -> integer lowering
+              -> compile for the target (model.so) and for this host (host.so) -> golden batch -> accuracies
+
+The integer program is built twice, once per target: the kernels' micro-kernels differ between x86 and ARM,
+their integer results do not, so the host library's outputs are the exact reference a board must reproduce.
+
+The output directory is written atomically: everything goes to ``PARENT/.NAME.partial`` and is renamed into
+place only after the manifest is written, so a failed or interrupted build leaves an earlier artifact of the
+same name untouched.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from edgeq import __version__
+from edgeq import artifact as A
+from edgeq.errors import ArtifactError, BitPlanError
+
+#: ``progress(stage, done, total)``: a stage name, and how far it is when it has steps (else None, None).
+Progress = Callable[[str, Optional[int], Optional[int]], None]
+
+DEFAULT_MODEL = "edgeq/vit-cifar10"
+DEFAULT_EVAL_LIMIT = 500
+GOLDEN_COUNT = 8
+#: Float builds compare board and host outputs with this tolerance (integer builds must match exactly).
+FLOAT_ATOL = 1e-4
+#: Per output channel, besides the weights: a float32 scale and an int32 bias (the "plus scales" of the size check).
+CHANNEL_OVERHEAD_BYTES = 8
+#: How far the artifact's weight bytes may be from the expected figure.
+WEIGHT_BYTES_TOLERANCE = 0.05
+
+_REPO = Path(__file__).resolve().parents[1]
+#: Calibration recipe and validation data of the bundled reference models.
+REFERENCE_CALIBRATION = _REPO / "calibration" / "cifar10-32.yaml"
+REFERENCE_EVAL_DATA = "cifar10/val.tar.gz"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to build: plain values, as the command line gives them."""
+
+    target: str = "host"
+    model: str = DEFAULT_MODEL
+    checkpoint: Optional[str] = None
+    random_init: bool = False
+    calib: Optional[str] = None          # folder, archive or recipe; None: the reference recipe, else synthetic
+    calib_count: Optional[int] = None
+    calib_seed: Optional[int] = None
+    bits: Optional[str] = None           # "w8a8"; None with no plan: w8a8
+    plan: Optional[str] = None           # plan.json path
+    method: str = "lrp-qvit"
+    float_model: bool = False            # build the unquantized model
+    eval_data: Optional[str] = None      # None: the reference models' CIFAR-10 val set, else no accuracy
+    eval_limit: Optional[int] = DEFAULT_EVAL_LIMIT  # 0: skip the accuracy stage
+    golden_count: int = GOLDEN_COUNT
+
+
+def _say(progress: Optional[Progress], stage: str, done: Optional[int] = None, total: Optional[int] = None) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+# --- checks that run before any long work ----------------------------------------------------------------------
+
+def storage_bits(w_bits: int) -> int:
+    """The width the integer kernels store ``w_bits``-bit weights at: packed int4 up to 4 bits, else int8."""
+    return 4 if w_bits <= 4 else 8
+
+
+def check_integer_target(spec, plan) -> None:
+    """Refuse an integer build for a target without integer kernels, naming what it lacks and what works.
+
+    The kernels exist for CPUs (llvm: x86 AVX2, ARM NEON / dot product, generic vectors) and CUDA GPUs with the
+    int8 dot product ``__dp4a`` (sm_61 and newer); OpenCL/Vulkan devices and older CUDA GPUs run float only.
+    """
+    default = plan.default
+    what = f"integer plan (default w{default.w}a{default.a})"
+    kind = spec.kind
+    if kind == "cuda":
+        arch = str(spec.target.get("arch", ""))
+        digits = "".join(ch for ch in arch if ch.isdigit())
+        if digits and int(digits) < 61:
+            raise BitPlanError(
+                f"{spec.name} ({arch}) cannot run the {what}: edgeq's int8 CUDA kernels use __dp4a, which needs "
+                "sm_61 or newer; build it with --float instead")
+    elif kind not in ("llvm", "c"):
+        raise BitPlanError(
+            f"{spec.name} ({kind}) cannot run the {what}: edgeq's integer kernels exist for CPUs (llvm) and CUDA "
+            "GPUs (sm_61+); build it with --float instead")
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """The partial directory to build in; refuses an ``out_dir`` that exists and is not an artifact."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ArtifactError(f"--out {out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not (out_dir / A.MANIFEST).is_file():
+            raise ArtifactError(f"--out {out_dir} exists and is not an edgeq artifact; choose another directory "
+                                "(an earlier artifact there would be replaced, anything else is kept)")
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)  # left over by an interrupted build of the same name
+    partial.mkdir(parents=True)
+    return partial
+
+
+def publish(partial: Path, out_dir: Path) -> Path:
+    """Move the finished ``partial`` into ``out_dir``, replacing an earlier artifact only now."""
+    old = out_dir.parent / f".{out_dir.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+# --- stages ------------------------------------------------------------------------------------------------------
+
+def load_model(config: BuildConfig):
+    from edgeq.models import create_model
+
+    return create_model(config.model, checkpoint=config.checkpoint, pretrained=not config.random_init)
+
+
+def is_reference(name: str) -> bool:
+    from edgeq.models.reference import REFERENCE_MODELS
+
+    return name in REFERENCE_MODELS
+
+
+def calibration_images(config: BuildConfig, model) -> tuple[Optional[Any], dict[str, Any]]:
+    """Calibration images (None: synthesized by the quantizer) and the manifest's ``calibration`` entry."""
+    from edgeq.data import data_config
+    from edgeq.data.calibration import load_calibration, resolve_recipe
+
+    spec = config.calib
+    if spec is None and is_reference(config.model):
+        spec = str(REFERENCE_CALIBRATION)
+    if spec is None:
+        return None, {"source": "synthetic", "sha256": None, "images": None, "seed": None}
+    calibration = load_calibration(resolve_recipe(spec, count=config.calib_count, seed=config.calib_seed),
+                                   data_config(model))
+    recipe = calibration.recipe
+    if spec == str(REFERENCE_CALIBRATION):
+        spec = str(REFERENCE_CALIBRATION.relative_to(_REPO))  # the same recipe in every checkout
+    source = recipe.data if spec == recipe.data else f"{spec} ({recipe.data})"
+    return calibration.images, {"source": source, "sha256": calibration.digest,
+                                "images": int(calibration.images.shape[0]), "seed": recipe.seed}
+
+
+def eval_set(config: BuildConfig, model):
+    """``(images, labels, data)`` of the balanced accuracy subset, or None when there is none to use."""
+    import torch
+
+    from edgeq.data import balanced_indices, data_config, load_image_folder
+    from edgeq.evaluate import check_class_count
+
+    data = config.eval_data
+    if data is None and is_reference(config.model):
+        data = REFERENCE_EVAL_DATA
+    if data is None or config.eval_limit == 0:
+        return None
+    dataset = load_image_folder(data, data_config(model))
+    check_class_count(model, dataset)
+    indices = balanced_indices(dataset.labels, config.eval_limit, seed=0) if config.eval_limit else \
+        list(range(len(dataset)))
+    images, labels = zip(*(dataset[i] for i in indices))
+    return torch.stack(images), torch.tensor(labels), str(data)
+
+
+def quantize_model(config: BuildConfig, model, plan, images, progress: Optional[Progress]):
+    from edgeq.quant import SyntheticCalibrationWarning, quantize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntheticCalibrationWarning)  # the manifest says "synthetic"
+        return quantize(model, images, plan, method=config.method,
+                        progress=lambda done, total, _what: _say(progress, "quantizing", done, total))
+
+
+def weight_layout(qmodel, constants: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The manifest's ``weights`` entry: bytes stored per layer against params x bits / 8 plus scales."""
+    by_layer: dict[str, dict[str, Any]] = {}
+    for name, module in qmodel.layers.items():
+        spec = qmodel.metadata["layers"][name]
+        if spec.get("w_bits") is None or not hasattr(module, "weight_int"):
+            continue
+        weight = module.weight_int
+        params = int(weight.numel())
+        by_layer[name] = {
+            "w": int(spec["w_bits"]), "stored_bits": storage_bits(int(spec["w_bits"])), "params": params, "bytes": 0,
+            "expected_bytes": -(-params * int(spec["w_bits"]) // 8) + int(weight.shape[0]) * CHANNEL_OVERHEAD_BYTES,
+        }
+    other = 0
+    # keys are "<layer>.<param>": give each to the longest layer name it starts with
+    names = sorted(by_layer, key=len, reverse=True)
+    for key, array in constants.items():
+        owner = next((n for n in names if key.startswith(n + ".")), None)
+        if owner is None:
+            other += int(array.nbytes)
+        else:
+            by_layer[owner]["bytes"] += int(array.nbytes)
+    total = sum(e["bytes"] for e in by_layer.values()) + other
+    return {"bytes": total, "expected_bytes": sum(e["expected_bytes"] for e in by_layer.values()),
+            "params": sum(e["params"] for e in by_layer.values()), "other_bytes": other, "by_layer": by_layer}
+
+
+def float_weight_layout(model) -> dict[str, Any]:
+    params = sum(int(p.numel()) for p in model.parameters())
+    return {"bytes": params * 4, "expected_bytes": params * 4, "params": params, "other_bytes": 0, "by_layer": {}}
+
+
+def save_weights(path: Path, constants: dict[str, np.ndarray], precision: str) -> None:
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in sorted(constants.items())}
+    save_file(arrays, str(path), metadata={"format": "edgeq.weights", "precision": precision})
+
+
+def lower(onnx_path: Path, spec, precision: str):
+    """The Relax program of ``onnx_path`` for ``spec``: integer kernels, or the float program for float builds."""
+    from edgeq.lower.relax_import import import_onnx
+
+    mod = import_onnx(onnx_path, batch=1)
+    if precision == "float":
+        return mod
+    from edgeq.lower.integer import lower_integer
+
+    return lower_integer(mod, spec.tvm_target())
+
+
+def compile_library(mod, spec, path: Path) -> Path:
+    from edgeq.compile import build, export_library
+
+    return export_library(build(mod, spec), spec, path)
+
+
+class HostRunner:
+    """Runs a library built for this machine: ``runner(images) -> logits`` one image at a time (batch 1)."""
+
+    def __init__(self, library: Path):
+        os.environ.setdefault("TVM_BIND_THREADS", "0")  # pinned workers fight the other processes on this host
+        import tvm
+        from tvm import relax
+
+        self._tvm = tvm
+        self._lib = tvm.runtime.load_module(str(library))
+        self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
+        self._main = self._vm["main"]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        outs = []
+        for image in np.asarray(images, dtype=np.float32):
+            out = self._main(self._tvm.runtime.tensor(np.ascontiguousarray(image[None])))
+            outs.append(out.numpy())
+        return np.concatenate(outs).astype(np.float32)
+
+
+def _torch_logits(model, images, batch_size: int = 100) -> np.ndarray:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
+
+
+def accuracies(float_model, qmodel, runner: HostRunner, evaluation, progress: Optional[Progress]) -> dict[str, Any]:
+    images, labels, data = evaluation
+    labels = labels.numpy()
+    _say(progress, "accuracy: PyTorch")
+    fp = _torch_logits(float_model, images).argmax(1)
+    fake = _torch_logits(qmodel, images).argmax(1) if qmodel is not None else fp
+    compiled = []
+    for i in range(0, len(images), 25):
+        compiled.append(runner(images[i:i + 25].numpy()).argmax(1))
+        _say(progress, "accuracy: compiled", min(i + 25, len(images)), len(images))
+    compiled = np.concatenate(compiled)
+    pct = lambda hits: round(100.0 * float(np.mean(hits)), 3)  # noqa: E731
+    return {"data": data, "images": int(len(labels)), "fp_top1": pct(fp == labels),
+            "quant_top1": pct(fake == labels) if qmodel is not None else None,
+            "compiled_top1": pct(compiled == labels),
+            "agreement_compiled_vs_fakequant": pct(compiled == fake)}
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import timm
+    import torch
+    import tvm
+
+    return {"edgeq": __version__, "tvm": tvm.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "onnx": onnx.__version__, "python": platform.python_version()}
+
+
+def weights_digest(config: BuildConfig) -> Optional[str]:
+    """sha256 of the float weights file the model was loaded from (the bundled weights change as training goes
+    on, so the name alone does not say which weights an artifact holds); None for random or hub weights."""
+    from edgeq.models.reference import REFERENCE_MODELS
+
+    if config.checkpoint:
+        return A.file_sha256(Path(config.checkpoint))
+    if config.random_init or config.model not in REFERENCE_MODELS:
+        return None
+    return A.file_sha256(REFERENCE_MODELS[config.model].weights_path)
+
+
+def model_entry(config: BuildConfig, model) -> dict[str, Any]:
+    from edgeq.data import data_config
+    from edgeq.evaluate import model_num_classes
+
+    data = data_config(model)
+    return {"name": config.model, "checkpoint": str(config.checkpoint) if config.checkpoint else None,
+            "weights_sha256": weights_digest(config),
+            "num_classes": model_num_classes(model), "input_size": list(data["input_size"]),
+            "mean": list(data["mean"]), "std": list(data["std"]), "interpolation": data.get("interpolation"),
+            "crop_pct": data.get("crop_pct"), "crop_mode": data.get("crop_mode")}
+
+
+def target_entry(spec, host_spec) -> dict[str, Any]:
+    return {"name": spec.name, "tvm": spec.target, "host": spec.host, "arch": spec.arch, "rpc_key": spec.rpc_key,
+            "device": spec.device_kind, "reference": host_spec.target if host_spec is not None else spec.target}
+
+
+# --- the whole build ---------------------------------------------------------------------------------------------
+
+def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Optional[Progress] = None, *,
+                   model=None) -> Path:
+    """Build ``config`` into the artifact directory ``out_dir`` and return its path.
+
+    ``model``: an already created float model to use instead of loading ``config.model`` (tests, notebooks).
+    Bad input raises the matching :mod:`edgeq.errors` class before long work starts where it can be seen early
+    (unknown target, missing toolchain, a plan the kernels cannot run, an output path that is not an artifact).
+    """
+    from edgeq.bitplan import resolve_plan, write_plan
+    from edgeq.lower.export import export_float_onnx, export_onnx
+    from edgeq.quant import quantizable_layers
+    from edgeq.targets import load_target
+
+    out_dir = Path(out_dir)
+    spec = load_target(config.target)
+    host_spec = None if spec.name == "host" else load_target("host")
+    if host_spec is not None and spec.target_json == host_spec.target_json and spec.host_json is None:
+        host_spec = None  # the target is this machine under another name
+    spec.toolchain.resolve()  # a missing cross compiler fails now, not after quantizing
+    precision = "float" if config.float_model else "int"
+    plan = None if config.float_model else resolve_plan(config.bits, config.plan)
+    if plan is not None:
+        check_integer_target(spec, plan)
+
+    _say(progress, "loading model")
+    if model is None:
+        model = load_model(config)
+    model = model.eval()
+    model_info = model_entry(config, model)  # now: the weights file may be rewritten while this build runs
+    if plan is not None:
+        plan.check_layers(quantizable_layers(model))
+    _say(progress, "evaluation data")
+    evaluation = eval_set(config, model)  # unreadable data or a class-count mismatch fails before compiling
+    partial = prepare_out_dir(out_dir)
+    try:
+        qmodel = images = None
+        calibration: Optional[dict[str, Any]] = None  # float builds are not calibrated
+        onnx_path = partial / A.ONNX
+        input_size = model_info["input_size"]
+        if precision == "int":
+            _say(progress, "calibration data")
+            images, calibration = calibration_images(config, model)
+            qmodel = quantize_model(config, model, plan, images, progress)
+            _say(progress, "exporting ONNX")
+            export_onnx(qmodel, onnx_path, batch=1)  # 4-bit weights as opset-21 INT4 (import widens them)
+            write_plan(plan, partial / A.PLAN)
+        else:
+            _say(progress, "exporting ONNX")
+            export_float_onnx(model, onnx_path, input_size=input_size)
+
+        _say(progress, f"lowering for {spec.name}")
+        mod = lower(onnx_path, spec, precision)
+        _say(progress, f"compiling for {spec.name}")
+        compile_library(mod, spec, partial / A.LIBRARY)
+        if precision == "int":
+            from edgeq.lower.integer import kernel_constants
+
+            constants = kernel_constants(mod)
+            weights = weight_layout(qmodel, constants)
+        else:
+            constants = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+            weights = float_weight_layout(model)
+        save_weights(partial / A.WEIGHTS, constants, precision)
+        del mod
+        reference_lib = partial / A.LIBRARY
+        if host_spec is not None:
+            _say(progress, "lowering for host")
+            host_mod = lower(onnx_path, host_spec, precision)
+            _say(progress, "compiling for host")
+            reference_lib = compile_library(host_mod, host_spec, partial / A.HOST_LIBRARY)
+            del host_mod
+        runner = HostRunner(reference_lib)
+
+        _say(progress, "golden batch")
+        if evaluation is not None:
+            golden_inputs = evaluation[0][:config.golden_count].numpy()
+        elif images is not None:
+            golden_inputs = images[:config.golden_count].numpy()
+        else:
+            import torch
+
+            golden_inputs = torch.randn(config.golden_count, *input_size,
+                                        generator=torch.Generator().manual_seed(0)).numpy()
+        golden_inputs = np.ascontiguousarray(golden_inputs, dtype=np.float32)
+        np.savez(partial / A.GOLDEN, inputs=golden_inputs, outputs=runner(golden_inputs))
+        golden = {"file": A.GOLDEN, "count": int(len(golden_inputs)), "exact": precision == "int"}
+        if precision == "float":
+            golden["atol"] = FLOAT_ATOL
+
+        accuracy = accuracies(model, qmodel, runner, evaluation, progress) if evaluation is not None else None
+
+        for file in partial.iterdir():  # some writers create 0600 files; an artifact is meant to be shared
+            file.chmod(0o755 if file.suffix == ".so" else 0o644)
+        bits = {"default": plan.default.to_json(),
+                "layers": {name: plan.bits_for(name).to_json() for name in quantizable_layers(model)}} \
+            if plan is not None else {"default": {"w": 32, "a": 32}, "layers": {}}
+        manifest = {
+            "format": A.FORMAT, "version": A.VERSION, "name": out_dir.name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "precision": precision, "entry": "main", "batch": 1,
+            "model": model_info,
+            "target": target_entry(spec, host_spec),
+            "bits": bits,
+            "method": config.method if precision == "int" else None,
+            "files": A.describe_files(partial, [p.name for p in partial.iterdir() if p.name != A.MANIFEST]),
+            "calibration": calibration,
+            "accuracy": accuracy,
+            "golden": golden,
+            "weights": weights,
+            "versions": versions(),
+        }
+        A.write_manifest(partial, manifest)
+        A.load_artifact(partial)  # what every later command will do: fail here rather than there
+        _say(progress, "done")
+        return publish(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def weight_bytes_within_tolerance(weights: dict[str, Any]) -> bool:
+    expected = weights.get("expected_bytes") or 0
+    return expected > 0 and abs(weights["bytes"] - expected) <= WEIGHT_BYTES_TOLERANCE * expected
