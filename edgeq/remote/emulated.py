@@ -49,6 +49,9 @@ WHEELS = ("apache-tvm", "apache-tvm-ffi", "numpy", "ml_dtypes", "psutil", "cloud
 #: manylinux tags a bookworm (glibc 2.36) aarch64 system accepts; pip does not widen explicit --platform tags.
 MANYLINUX_TAGS = ("manylinux2014_aarch64",) + tuple(f"manylinux_2_{v}_aarch64" for v in range(17, 37))
 DEFAULT_KEY = "rasp4-emulated"
+#: A file in the sysroot that the guest sees at this absolute path (qemu looks under QEMU_LD_PREFIX first):
+#: how a session tells the emulated board from a real one.
+EMULATION_MARKER = "/etc/edgeq-emulated-board"
 DEFAULT_CPU = "cortex-a72"  # qemu's CPU model: like a Raspberry Pi 4 (no dot product), not qemu's "max"
 RECIPE_VERSION = 1
 
@@ -350,6 +353,7 @@ def start_emulated_board(
     Raises :class:`RemoteRunError` when the server dies or does not come up within ``timeout`` seconds.
     """
     built = build_sysroot(cache_dir, log=log)
+    _write_marker(built, cpu)
     port = port or free_port(host)
     workdir = built.root / "boards" / f"{host}-{port}-{os.getpid()}"
     workdir.parent.mkdir(parents=True, exist_ok=True)
@@ -359,6 +363,14 @@ def start_emulated_board(
     )
     log(f"emulated board serving on {handle.address} after {handle.start_seconds} s")
     return handle
+
+
+def _write_marker(built: Sysroot, cpu: str) -> None:
+    marker = built.sysroot / EMULATION_MARKER.lstrip("/")
+    text = f"edgeq emulated aarch64 board: qemu-user, cpu {cpu}; timings are not board latency\n"
+    if not marker.is_file() or marker.read_text() != text:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(text)
 
 
 def stop(handle: BoardHandle) -> None:

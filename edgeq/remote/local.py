@@ -77,6 +77,12 @@ class ProcessHandle:
         with contextlib.suppress(ValueError):
             _RUNNING.remove(self)
 
+    def detach(self) -> None:
+        """Let the process outlive this interpreter (no stop at exit); stop it later with :func:`stop_process_group`."""
+        self._stopped = True
+        with contextlib.suppress(ValueError):
+            _RUNNING.remove(self)
+
     def __enter__(self):
         return self
 
@@ -134,6 +140,42 @@ def kill_process_tree(process: subprocess.Popen, timeout: float = 10.0) -> None:
             if process.poll() is not None and not _any_alive(pids):
                 return
             time.sleep(0.2)
+
+
+def process_started_at(pid: int) -> float | None:
+    """When a process started (seconds since the epoch), to tell it from a later one reusing its pid; None if gone."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def stop_process_group(pid: int, started_at: float | None = None, timeout: float = 10.0) -> bool:
+    """Stop a detached process that leads its own session (see :meth:`ProcessHandle.detach`), with everything it
+    started (the RPC server's popen worker included). ``started_at`` guards against a reused pid. Returns whether
+    anything was running."""
+    now_started = process_started_at(pid)
+    if now_started is None or (started_at is not None and abs(now_started - started_at) > 1.0):
+        return False
+    import psutil
+
+    pids = [pid]
+    with contextlib.suppress(Exception):
+        pids += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        for each in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(each, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _any_alive(pids):
+                return True
+            time.sleep(0.2)
+    return True
 
 
 def _any_alive(pids: list[int]) -> bool:

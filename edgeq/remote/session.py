@@ -220,14 +220,16 @@ def connect(
     timeout: float = 30.0,
     session_timeout: float = 0,
     env: Mapping[str, str] | None = None,
+    default_key: str | None = None,
 ) -> "BoardSession":
     """Open a session with a board (see :func:`resolve_address` for where it is looked for).
 
-    ``target`` supplies the default tracker key (its ``rpc.key``). ``timeout`` bounds reaching the board (and,
+    ``target`` supplies the default tracker key (its ``rpc.key``) unless ``default_key`` is given. ``timeout`` bounds reaching the board (and,
     through a tracker, waiting for a free one); ``session_timeout`` asks the server to end the session after so
     many seconds (0: never). Raises :class:`RemoteUnreachableError` when nothing answers.
     """
-    default_key = load_target(target).rpc_key if target is not None else None
+    if default_key is None and target is not None:
+        default_key = load_target(target).rpc_key
     address = resolve_address(rpc, tracker, key, default_key=default_key, env=env)
     if address.via_tracker:
         host, port, matchkey = _request_from_tracker(address, timeout)
@@ -270,6 +272,7 @@ class BoardInfo:
     cpu: str | None = None  # LLVM's CPU name, likewise
     num_threads: int | None = None  # TVM runtime thread pool size
     devices: tuple[tuple[str, bool], ...] = field(default=())  # (kind, exists) for cpu, cuda, opencl, vulkan
+    emulated: bool = False  # the server runs under qemu-user: its timings say nothing about a real board
 
     def has_device(self, kind: str) -> bool:
         return dict(self.devices).get(kind, False)
@@ -277,7 +280,9 @@ class BoardInfo:
     def describe(self) -> str:
         extra = f", cpu {self.cpu}" if self.cpu else ""
         present = [k for k, ok in self.devices if ok]
-        return f"{self.arch or self.machine} ({self.bits}-bit{extra}; devices: {', '.join(present) or 'none'})"
+        emulated = ", emulated under qemu" if self.emulated else ""
+        return (f"{self.arch or self.machine} ({self.bits}-bit{extra}{emulated}; "
+                f"devices: {', '.join(present) or 'none'})")
 
 
 _TRANSPORT_WORDS = ("socket", "connection", "rpc", "closed", "broken pipe", "timeout", "shutdown", "eof")
@@ -291,6 +296,7 @@ class BoardSession:
         self.address = address
         self.server = server
         self._info: BoardInfo | None = None
+        self._modules: dict[str, Any] = {}  # sha256 of a library -> its module loaded on the board
 
     # -- errors
 
@@ -324,18 +330,28 @@ class BoardSession:
             self.rpc.upload(str(path), target=name)
         return name
 
-    def load_module(self, path: str | os.PathLike, *, target: str | TargetSpec | None = None, check: bool = True):
+    def load_module(self, path: str | os.PathLike, *, target: str | TargetSpec | None = None, check: bool = True,
+                    name: str | None = None):
         """Upload a compiled library and load it on the board; returns the remote ``runtime.Module``.
 
         With ``check`` the library's architecture (and ``target``'s device, when given) is compared with the
-        board first: :class:`ArtifactTargetMismatchError` instead of an obscure dlopen failure.
+        board first: :class:`ArtifactTargetMismatchError` instead of an obscure dlopen failure. The file is named
+        by its content on the board (unless ``name`` is given) and loaded once per session: overwriting a
+        library the server has loaded crashes it.
         """
+        import hashlib
+
         path = Path(path)
         if check:
             self.check_library(path, target)
-        name = self.upload(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in self._modules:  # uploading over a library this session has loaded would crash the server
+            return self._modules[digest]
+        name = self.upload(path, name or f"{path.stem}-{digest[:16]}{path.suffix}")
         with self._remote(f"loading {path.name}"):
-            return self.rpc.load_module(name)
+            module = self.rpc.load_module(name)
+        self._modules[digest] = module
+        return module
 
     def device(self, kind: str = "cpu", index: int = 0):
         with self._remote(f"opening device {kind}:{index}"):
@@ -410,7 +426,18 @@ class BoardSession:
         return BoardInfo(
             arch=arch, machine=elf.machine if elf else "unknown", bits=elf.bits if elf else 0, method=method,
             triple=triple, cpu=cpu, num_threads=num_threads, devices=tuple(devices),
+            emulated=self._under_emulation(arch),
         )
+
+    def _under_emulation(self, arch: str | None) -> bool:
+        """Whether the server runs under qemu-user: the emulated board's sysroot holds a marker file that qemu
+        shows the guest at an absolute path (a real board has no such file). /proc cannot tell: the server's
+        download reads a file by its size, and /proc files have none."""
+        from edgeq.remote.emulated import EMULATION_MARKER
+
+        with contextlib.suppress(Exception):
+            return len(bytes(self.rpc.download(EMULATION_MARKER))) > 0
+        return False
 
     def _probe(self) -> ElfInfo | None:
         """Load tiny libraries built for each architecture edgeq can build for; the one that loads tells."""
@@ -469,6 +496,7 @@ class BoardSession:
     def close(self) -> None:
         """Drop the session (the server goes back to waiting for the next one)."""
         session, self.rpc = self.rpc, None
+        self._modules.clear()
         if session is not None:
             with contextlib.suppress(Exception):
                 session._sess = None  # the RPC channel closes when the last reference to it goes

@@ -1,0 +1,85 @@
+"""edgeq board start/stop/status, and (``-m board``) the whole path on the emulated aarch64 board:
+build edgeq/vit-cifar10 for rasp4, start the board in the background, deploy, check exactly, stop."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from board_fixtures import RUNTIME_ONLY, run_cli
+from edgeq.remote import background
+from edgeq.remote.local import start_rpc_server
+
+
+def test_board_start_needs_emulated(capsys) -> None:
+    code, _, err = run_cli(["board", "start"], capsys)
+    assert code == 2 and "--emulated" in err and "board-setup.sh" in err
+
+
+def test_status_and_stop_with_no_board(capsys) -> None:
+    assert run_cli(["board", "status"], capsys)[:2] == (0, "no board started by edgeq is recorded\n")
+    assert run_cli(["board", "stop"], capsys)[:2] == (0, "no board started by edgeq is recorded\n")
+    code, _, err = run_cli(["board", "stop", "--port", "9"], capsys)
+    assert code == 70 and "port 9" in err
+
+
+def test_a_recorded_board_outlives_its_handle_and_stop_ends_server_and_worker(capsys) -> None:
+    """What `board start` does after starting a server (here an x86 one: fast) and what `board stop` undoes."""
+    import psutil
+
+    handle = start_rpc_server(env=RUNTIME_ONLY)
+    try:
+        board = background.record(handle, "emulated")
+        assert json.loads(board.state_file.read_text())["port"] == handle.port
+        workers = psutil.Process(board.pid).children(recursive=True)
+        assert workers, "the RPC server starts a popen worker"
+        handle.stop()  # a detached handle no longer stops the server (the CLI process that started it exits)
+        assert board.alive() and board.listening()
+        code, out, _ = run_cli(["board", "status"], capsys)
+        assert code == 0 and f"127.0.0.1:{handle.port}" in out and "serving" in out
+        code, out, _ = run_cli(["board", "stop", "--port", str(handle.port)], capsys)
+        assert code == 0 and out.startswith("stopped emulated board")
+        assert not board.alive() and not any(w.is_running() and w.status() != "zombie" for w in workers)
+        assert not board.state_file.exists() and not Path(board.workdir).exists()
+        assert run_cli(["board", "status"], capsys)[1] == "no board started by edgeq is recorded\n"
+    finally:
+        handle.process.kill()  # in case an assertion failed before stop
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The emulated aarch64 board, end to end
+
+
+@pytest.mark.board
+@pytest.mark.shared_cache
+def test_vit_rasp4_build_deploy_check_on_the_emulated_board(tmp_path, capsys) -> None:
+    for tool in ("qemu-aarch64", "aarch64-linux-gnu-gcc", "apt-get", "dpkg"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} missing: run deploy/install-host-tools.sh")
+    if os.environ.get("EDGEQ_SKIP_BOARD_TESTS"):
+        pytest.skip("EDGEQ_SKIP_BOARD_TESTS is set")
+    from conftest import CIFAR_VAL
+    from edgeq.build import BuildConfig, build_artifact
+
+    artifact = build_artifact(BuildConfig(target="rasp4", bits="w8a8", eval_limit=0), tmp_path / "vit-rasp4")
+    code, out, err = run_cli(["board", "start", "--emulated"], capsys)
+    assert code == 0, err
+    address = out.split("use: --rpc ")[1].split()[0]
+    try:
+        code, out, err = run_cli(["deploy", str(artifact), "--rpc", address], capsys)
+        assert code == 0, out + err
+        assert "emulated under qemu" in out and "8/8 outputs match, bit-exact" in out
+        report = tmp_path / "check.json"
+        code, out, err = run_cli(["check", str(artifact), "--data", str(CIFAR_VAL), "--limit", "10", "--rpc", address,
+                                  "--output", str(report)], capsys)
+        assert code == 0, out + err
+        result = json.loads(report.read_text())
+        assert result["agreement"] == "exact" and result["images"] == 10 and result["emulated"]
+        assert result["device_top1"] == result["host_top1"]
+    finally:
+        code, out, _ = run_cli(["board", "stop", "--port", address.rsplit(":", 1)[1]], capsys)
+    assert code == 0 and out.startswith("stopped emulated board")
+
