@@ -14,8 +14,14 @@ from edgeq.errors import TargetError, ToolchainMissingError
 from edgeq.targets import TargetSpec, elf_info, load_target
 
 
-def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", params: dict | None = None):
-    """Compile a Relax ``IRModule`` for ``target`` into a ``tvm.relax.Executable`` (nothing linked yet)."""
+def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", params: dict | None = None,
+          tuning_db: str | os.PathLike | None = None):
+    """Compile a Relax ``IRModule`` for ``target`` into a ``tvm.relax.Executable`` (nothing linked yet).
+
+    ``relax_pipeline="default"`` is edgeq's pipeline (:func:`edgeq.lower.pipeline.compile_relax`: fp32 GEMM
+    kernels, scheduled float ops, integer kernels kept; ``tuning_db`` from ``edgeq tune``); any other value is
+    handed to ``tvm.compile`` as it is.
+    """
     import tvm
 
     spec = load_target(target)
@@ -23,6 +29,10 @@ def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", par
         from tvm import relax
 
         mod = relax.transform.BindParams("main", params)(mod)
+    if relax_pipeline == "default":
+        from edgeq.lower.pipeline import compile_relax
+
+        return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db)
     return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline)
 
 

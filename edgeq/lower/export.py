@@ -524,6 +524,44 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, *, opset: Optio
     return path
 
 
+FLOAT_EXPORT_FORMAT = "edgeq.onnx-float"
+
+
+def export_float_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequence[int],
+                      opset: int = TRACE_OPSET) -> Path:
+    """Write the unquantized ``model`` (eval mode, float32) as a plain float ONNX model to ``path``.
+
+    ``input_size``: ``(channels, height, width)``. The graph has the same input/output names and dynamic
+    ``batch`` axis as :func:`export_onnx`, so the float and the quantized export import the same way;
+    ``metadata_props["edgeq.export"]`` says ``{"format": "edgeq.onnx-float", "version": 1, "opset": N}``.
+    """
+    import onnx
+
+    if opset < 13 or opset > TRACE_OPSET:
+        raise ValueError(f"float export supports opsets 13..{TRACE_OPSET}, got {opset}")
+    channels, height, width = (int(v) for v in input_size)
+    model = copy.deepcopy(model).float().eval()
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.zeros(2, channels, height, width),), buffer, dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    metadata = {"format": FLOAT_EXPORT_FORMAT, "version": EXPORT_VERSION, "opset": opset,
+                "input": INPUT_NAME, "output": OUTPUT_NAME}
+    del proto.metadata_props[:]
+    prop = proto.metadata_props.add()
+    prop.key, prop.value = "edgeq.export", json.dumps(metadata)
+    proto.producer_name = "edgeq"
+    onnx.checker.check_model(proto)
+    path = Path(path)
+    _atomic_write(path, proto.SerializeToString())
+    return path
+
+
 # --- running it ------------------------------------------------------------------------------------
 
 def onnx_session(onnx_path: str | os.PathLike, threads: int = 0):

@@ -1,0 +1,273 @@
+"""edgeq's Relax compile pipeline: fp32 GEMM kernels, schedules for every other PrimFunc, TVM's lowering.
+
+``compile_relax(mod, target)`` is what :func:`edgeq.compile.build` runs. For a CPU (``llvm``) target:
+
+1. :class:`~edgeq.lower.passes.float_kernels.FloatKernels` turns float matmuls and the patch conv into
+   scheduled fp32 GEMM kernels (weights packed into panels at build time);
+2. TVM's CPU legalization (``LegalizeOps``, ``FuseOps``, ``FuseTIR``) turns the remaining Relax ops
+   (LayerNorm, Softmax, GELU, adds, reshapes, transposes) into PrimFuncs;
+3. with ``tuning_db``, PrimFuncs that MetaSchedule tuned (:mod:`edgeq.tune`) take their tuned schedule;
+4. :func:`schedule_cpu_primfunc` schedules each PrimFunc that is still unscheduled: injective producers are
+   inlined, the outer spatial loops of every remaining block are fused into one parallel loop, and the
+   innermost spatial loop is vectorized;
+5. TVM's dataflow lowering and finalization passes, then ``tvm.compile`` with the TIR pipeline
+   ``edgeq_exact_fp`` (TVM's ``s_tir`` pipeline plus :func:`fence_float_products`).
+
+Float results must not depend on the CPU: an integer build's board library has to reproduce the x86 host's
+outputs bit for bit, and the float ops between the integer kernels (LayerNorm, Softmax, GELU, quantize) decide
+integer codes by rounding. Every step is an IEEE operation in a fixed order (reductions stay serial, only
+spatial loops are vectorized, no fast-math flags) except one: TVM's LLVM backend allows FP contraction
+(``AllowFPOpFusion = Fast``, no target attribute turns it off) and ``LowerIntrin`` turns ``a * b + c`` into
+``llvm.fmuladd``, so whether a product was rounded before its add was up to each backend's instruction
+selection and vectorizers (one LayerNorm: x86 fused the variance sum into scalar FMAs, aarch64 vectorized the
+squares first and added them unfused; 930 of 12,480 outputs differed). :func:`fence_float_products` makes that
+choice explicit and the same everywhere. libm calls are the other hazard (their last bit differs between
+builds): FastMathTransform replaces exp/erf/tanh; ``log`` (and ``R.nn.gelu``, legalized after it to ``erff``)
+would still call libm.
+
+PrimFuncs already marked ``tirx.is_scheduled`` (edgeq's integer kernels, the GEMMs of step 1, tuned ones)
+are never rescheduled. Other target kinds (CUDA, OpenCL) use TVM's default pipeline for that target with
+the GEMM rewrite skipped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.s_tir import Schedule
+
+from edgeq.lower.kernels.micro import as_target
+
+__all__ = ["compile_relax", "cpu_pipeline", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
+           "fence_float_products", "EXACT_FP_TIR_PIPELINE"]
+
+_SCHEDULED = "tirx.is_scheduled"
+_OPAQUE = 8  # relax OpPatternKind.kOpaque
+_VECTOR_LANES = 8
+_MAX_VECTOR = 64
+
+
+def is_scheduled(func) -> bool:
+    return isinstance(func, tirx.PrimFunc) and bool(func.attrs and func.attrs.get(_SCHEDULED, False))
+
+
+def _is_spatial_block(sch: Schedule, block) -> bool:
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def _leading_spatial_loops(sch: Schedule, block) -> list:
+    """The outer loops of ``block`` that bind only spatial block variables (loop i <-> iter var i of a
+    legalized, unscheduled block; anything else is treated as not spatial)."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(stmt.iter_vars):
+        return loops[:1] if _is_spatial_block(sch, block) else []
+    out = []
+    for loop, iv in zip(loops, stmt.iter_vars):
+        if iv.iter_type != tirx.IterVar.DataPar:
+            break
+        out.append(loop)
+    return out
+
+
+def _inline_injective(sch: Schedule) -> None:
+    """Inline every spatial block whose result is only consumed inside the function (GELU chains, the
+    broadcasts and casts around LayerNorm/Softmax) so each fused PrimFunc has few loop nests."""
+    changed = True
+    while changed:
+        changed = False
+        blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+        for block in blocks[:-1]:
+            if not _is_spatial_block(sch, block):
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except RuntimeError:  # a block the primitive refuses (e.g. read by two consumers)
+                continue
+
+
+def _has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except (RuntimeError, ValueError):  # the schedule primitive refused: keep the function as it is
+        return False
+
+
+def _parallel_vectorize(sch: Schedule, block, max_threads: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    spatial = _leading_spatial_loops(sch, block)
+    all_spatial = len(spatial) == len(loops) and _is_spatial_block(sch, block)
+    inner = None
+    if all_spatial and len(spatial) >= 1:
+        extent = int(sch.get(spatial[-1]).extent)
+        if extent % _VECTOR_LANES == 0 and extent > _VECTOR_LANES:
+            outer, inner = sch.split(spatial[-1], [None, _VECTOR_LANES])
+            spatial = spatial[:-1] + [outer]
+        elif 1 < extent <= _MAX_VECTOR and len(spatial) > 1:
+            inner = spatial[-1]
+            spatial = spatial[:-1]
+    if spatial:
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        if int(sch.get(fused).extent) > 1 and max_threads > 1:
+            sch.parallel(fused)
+    if inner is not None:
+        sch.vectorize(inner)
+
+
+def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.PrimFunc:
+    """A parallel, vectorized schedule of a legalized PrimFunc (returned unchanged when it does not apply)."""
+    try:
+        sch = Schedule(func)
+        if not _has_root(sch):
+            return func
+        _inline_injective(sch)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            _parallel_vectorize(sch, block, max_threads)
+        return sch.mod["main"]
+    except (RuntimeError, ValueError):  # the schedule primitive refused: keep the function as it is
+        return func
+
+
+def _num_cores(target: tvm.target.Target) -> int:
+    return int(target.attrs.get("num-cores", 0) or 0) or os.cpu_count() or 1
+
+
+@tvm.transform.module_pass(opt_level=0, name="edgeq.ScheduleCPU")
+class ScheduleCPU:
+    """Schedule every PrimFunc of the module that is not ``tirx.is_scheduled`` yet, then mark it scheduled."""
+
+    def __init__(self, target):
+        self.target = as_target(target)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        threads = _num_cores(self.target)
+        updates = {}
+        for gv, func in mod.functions.items():
+            if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
+                updates[gv] = schedule_cpu_primfunc(func, threads).with_attr(_SCHEDULED, True)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="edgeq.KeepKernelsOpaque")
+def keep_kernels_opaque(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Mark every already scheduled PrimFunc (integer and fp32 GEMM kernels) ``op_pattern`` opaque.
+
+    Otherwise ``AnnotateTIROpPattern`` calls an integer GEMM "out-elementwise fusable" and ``FuseOps`` /
+    ``FuseTIR`` merge it with the ``astype`` after it into one new, unscheduled PrimFunc (or fail on the
+    kernel's internal buffers).
+    """
+    updates = {gv: func.with_attr("op_pattern", _OPAQUE) for gv, func in mod.functions.items() if is_scheduled(func)}
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
+def _apply_tuning_db(tuning_db: str | os.PathLike, target: tvm.target.Target) -> tvm.transform.Pass:
+    from edgeq.tune import apply_database_pass
+
+    return apply_database_pass(tuning_db, target)
+
+
+def cpu_pipeline(target, *, tuning_db: str | os.PathLike | None = None) -> tvm.transform.Pass:
+    """The Relax pipeline :func:`compile_relax` uses for a CPU target (a ``tvm.transform.Pass``)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from edgeq.lower.passes.float_kernels import FloatKernels
+
+    tgt = as_target(target)
+    # FastMathTransform: erf/exp/tanh as vectorizable polynomials (libm's are scalar calls; GELU's erf alone
+    # cost as much as all the GEMMs of a block); agreement with PyTorch stays ~1e-6
+    passes = [FloatKernels(tgt), relax.transform.FastMathTransform(), keep_kernels_opaque]
+    passes += cpu_generic.library_dispatch_passes(tgt) + cpu_generic.legalize_passes(tgt)
+    if tuning_db is not None:
+        passes.append(_apply_tuning_db(tuning_db, tgt))
+    passes.append(ScheduleCPU(tgt))
+    passes += cpu_generic.dataflow_lower_passes(tgt) + cpu_generic.finalize_passes(tgt)
+
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.CPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with tgt:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+_FLOAT_CODE = 2  # DLDataTypeCode kDLFloat
+_FENCE = "llvm.arithmetic.fence"
+_FMA = "llvm.fma"
+#: The TIR pipeline :func:`compile_relax` builds CPU modules with (registered with TVM on import).
+EXACT_FP_TIR_PIPELINE = "edgeq_exact_fp"
+
+
+def _is_float(expr) -> bool:
+    return expr.ty.dtype.type_code == _FLOAT_CODE
+
+
+def _fuse_product_sum(add):
+    """``a * b + c`` (either order) -> ``llvm.fma(a, b, c)``: one rounding, on every target."""
+    for mul, other in ((add.a, add.b), (add.b, add.a)):
+        if isinstance(mul, tirx.Mul) and _is_float(add):
+            return tirx.call_llvm_pure_intrin(add.ty.dtype, _FMA, mul.a, mul.b, other)
+    return add
+
+
+def _fence_product(mul):
+    return tirx.call_llvm_pure_intrin(mul.ty.dtype, _FENCE, mul) if _is_float(mul) else mul
+
+
+@tirx.transform.prim_func_pass(opt_level=0, name="edgeq.FenceFloatProducts")
+def fence_float_products(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+    """Make each float product's rounding explicit, so no backend decides whether to contract it.
+
+    ``a * b + c`` becomes ``llvm.fma`` (always fused: one rounding, FMA instructions on x86 with FMA3, aarch64
+    and ARMv7 with VFPv4; a correctly rounded ``fmaf`` call on a CPU without them), and every other float
+    product is wrapped in ``llvm.arithmetic.fence`` (always rounded: no backend fuses across a fence). Runs
+    after vectorization and before ``LowerIntrin`` (which would turn ``a * b + c`` into ``llvm.fmuladd``,
+    fused or not at the backend's choice); integer arithmetic is left alone.
+    """
+    body = tvm_ffi.structural_map(func.body, [(tirx.Add, _fuse_product_sum)])
+    return func.with_body(tvm_ffi.structural_map(body, [(tirx.Mul, _fence_product)]))
+
+
+def _exact_fp_tir_pipeline():
+    from tvm.s_tir.pipeline import default_s_tir_pipeline
+
+    lower, finalize_host, finalize_device = default_s_tir_pipeline()
+
+    def fenced_finalize_host():
+        return tvm.transform.Sequential([fence_float_products, finalize_host()])
+
+    return lower, fenced_finalize_host, finalize_device
+
+
+tirx.compilation_pipeline.register_tir_pipeline(EXACT_FP_TIR_PIPELINE, _exact_fp_tir_pipeline)
+
+
+def compile_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | None = None):
+    """Compile a Relax module for ``target`` (Target, JSON dict or tag) into a ``tvm.relax.Executable``.
+
+    ``tuning_db``: a MetaSchedule database directory written by ``edgeq tune`` for this target; its tuned
+    PrimFuncs replace edgeq's generic schedules (the fp32/integer GEMM kernels stay hand-scheduled).
+    CPU modules are built with the :data:`EXACT_FP_TIR_PIPELINE`: their float results are the same bits on
+    x86_64 and ARM.
+    """
+    tgt = as_target(target)
+    if tuning_db is not None and not Path(tuning_db).is_dir():
+        from edgeq.errors import EdgeqError
+
+        raise EdgeqError(f"tuning database {tuning_db} does not exist (write one with `edgeq tune`)")
+    if tgt.kind.name != "llvm":
+        return tvm.compile(mod, target=tgt)
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, tuning_db=tuning_db),
+                       tir_pipeline=EXACT_FP_TIR_PIPELINE)
