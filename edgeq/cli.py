@@ -162,28 +162,34 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
 @cli.command("plan")
 @model_options
 @calibration_options
-@click.option("--method", type=click.Choice(["lrp", "nuclear", "random"]), default="lrp", show_default=True,
-              help="How layers are scored: LRP relevance, nuclear-norm sensitivity, or a random control.")
+@click.option("--method", default="lrp", show_default=True, metavar="lrp|sensitivity|nuclear|mix|random",
+              help="How layers are judged: LRP relevance, measured quantization sensitivity, nuclear-norm "
+                   "sensitivity, mix (sensitivity weighted by LRP relevance), or a random control.")
+@click.option("--quant-method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit",
+              show_default=True, help="Quantization the sensitivity and mix trials use (as `edgeq quantize --method`).")
 @click.option("--budget", "budgets", multiple=True, required=True, metavar="KIND=VALUE",
               help="avg-bits=4, weight-bytes=1.5MB, bops=1.2G or latency-ms=12 (with --latency-table); repeatable.")
 @click.option("--latency-table", type=click.Path(path_type=Path), help="Per-layer latency table (JSON) for latency-ms budgets.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the bit plan (JSON) goes.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw per-layer scores and chosen bits (PNG).")
-def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, method, budgets,
+def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, method, quant_method, budgets,
                  latency_table, seed, out, plot) -> None:
     """Choose per-layer bit widths under a budget and write a bit plan."""
     from edgeq.bitplan import write_plan
-    from edgeq.plan import make_plan, parse_budgets, plan_metrics, plot_plan, layer_costs
+    from edgeq.plan import check_method, make_plan, parse_budgets, plan_metrics, plot_plan, layer_costs
 
+    check_method(method)
     parse_budgets(list(budgets))  # a malformed budget fails before any model work
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if method != "random":
         calibration = load_calibration_option(model, calib, calib_count, calib_seed)
         images = calibration.images
-    plan, scores = make_plan(model, method, list(budgets), images, seed=seed, latency=latency_table,
-                             model_name=model_name)
+    with progress_bar("measuring sensitivity") as update:
+        plan, scores = make_plan(model, method, list(budgets), images, seed=seed, latency=latency_table,
+                                 model_name=model_name, quant_method=quant_method,
+                                 progress=lambda done, total, _layer: update(done, total))
     write_plan(plan, out)
     metrics = plan_metrics(plan, layer_costs(model), latency=latency_table)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -227,6 +233,282 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
         qmodel = quantize(model, images, plan, method=method, progress=lambda d, t, _what: update(d, t), **switches)
     written = save_quantized(qmodel, out)
     click.echo(f"quantized {model_name} ({method}, {plan.provenance.get('spec') or plan_path}) → {written}")
+
+
+@cli.command("build")
+@click.option("--model", "model_name", default="edgeq/vit-cifar10", show_default=True,
+              help="edgeq/<name> or a timm model name.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights (.safetensors or .pth) to load.")
+@click.option("--random-init", is_flag=True, help="Use random weights (timm models; for latency work).")
+@click.option("--calib", metavar="DIR|ARCHIVE|RECIPE.yaml",
+              help="Calibration images (default: calibration/cifar10-32.yaml for the bundled models, "
+                   "else images synthesized from the model).")
+@click.option("--calib-count", type=click.IntRange(min=1), help="Calibration images (default: recipe's, else 32).")
+@click.option("--calib-seed", type=int, help="Seed for choosing calibration images (default: recipe's, else 0).")
+@click.option("--bits", help="One width for every layer, e.g. w8a8 or w4a4 (default w8a8).")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Per-layer bit plan (JSON) from `edgeq plan`.")
+@click.option("--method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit", show_default=True)
+@click.option("--float", "float_model", is_flag=True, help="Build the unquantized model (float kernels).")
+@click.option("--target", required=True, metavar="NAME|TAG|JSON",
+              help="A board from `edgeq targets`, a TVM tag, or a JSON target.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Artifact directory (default build/<model>-<target>); replaced only when the build succeeds.")
+@click.option("--eval-data", metavar="DIR|ARCHIVE",
+              help="Images for the accuracies in the manifest (default: CIFAR-10 val for the bundled models).")
+@click.option("--eval-limit", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Class-balanced images for the accuracies; 0 skips them.")
+def build_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, bits, plan_path, method,
+                  float_model, target, out, eval_data, eval_limit) -> None:
+    """Quantize, lower to integer kernels and compile for a board: writes an artifact directory."""
+    from edgeq.artifact import load_artifact
+    from edgeq.build import BuildConfig, build_artifact, is_reference
+    from edgeq.targets import load_target
+
+    if float_model and (bits or plan_path):
+        raise click.UsageError("--float builds the unquantized model: drop --bits/--plan")
+    if out is None:
+        out = Path("build") / f"{model_name.rsplit('/', 1)[-1]}-{load_target(target).name.replace('/', '-')}"
+    config = BuildConfig(target=target, model=model_name, checkpoint=str(checkpoint) if checkpoint else None,
+                         random_init=random_init, calib=calib, calib_count=calib_count, calib_seed=calib_seed,
+                         bits=bits, plan=str(plan_path) if plan_path else None, method=method,
+                         float_model=float_model, eval_data=eval_data, eval_limit=eval_limit)
+    if calib is None and not float_model and not is_reference(model_name):
+        click.echo("edgeq: warning: no --calib given: calibrating on images synthesized from the model", err=True)
+    with stage_progress() as progress:
+        path = build_artifact(config, out, progress=progress)
+    manifest = load_artifact(path, verify=False).manifest
+    accuracy = manifest.get("accuracy") or {}
+    summary = f"{manifest['precision']}, {manifest['weights']['bytes']:,} weight bytes"
+    if accuracy:
+        summary += (f"; top-1 on {accuracy['images']} images: float {accuracy['fp_top1']:.2f} %, compiled "
+                    f"{accuracy['compiled_top1']:.2f} %")
+    click.echo(f"built {model_name} for {manifest['target']['name']} → {path} ({summary})")
+
+
+@contextmanager
+def stage_progress() -> Iterator:
+    """``progress(stage, done, total)`` for multi-stage commands: a bar on a terminal, stage lines elsewhere."""
+    if not sys.stderr.isatty():
+        seen: list[str] = []
+
+        def plain(stage: str, done, total) -> None:
+            if not seen or seen[-1] != stage:
+                seen.append(stage)
+                click.echo(f"edgeq: {stage}", err=True)
+
+        yield plain
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(stage: str, done, total) -> None:
+            bar.update(task, description=stage, completed=done or 0, total=total)
+
+        yield update
+
+
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing the files (faster for large libraries).")
+def inspect_command(artifact: Path, as_json: bool, no_verify: bool) -> None:
+    """Show what a build directory holds: target, bits and bytes per layer, accuracies, versions, golden batch."""
+    import json
+
+    from edgeq.artifact import inspect_sections, load_artifact
+
+    loaded = load_artifact(artifact, verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps(loaded.manifest, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, Console().width))
+    for title, columns, rows in inspect_sections(loaded.manifest):
+        table = Table(title=title, title_justify="left", show_header=any(columns))
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row, style="bold" if row and row[0] == "total" else None)
+        console.print(table)
+
+
+def board_options(command):
+    """--rpc, or --rpc-tracker with --rpc-key (else the TVM_TRACKER_HOST/PORT/KEY variables)."""
+    command = click.option("--rpc-key", "rpc_key", metavar="KEY",
+                           help="Board key at the tracker (default: $TVM_TRACKER_KEY, else the target's).")(command)
+    command = click.option("--rpc-tracker", "rpc_tracker", metavar="HOST[:9190]",
+                           help="RPC tracker (default: $TVM_TRACKER_HOST:$TVM_TRACKER_PORT).")(command)
+    return click.option("--rpc", metavar="HOST:PORT",
+                        help="The board's RPC server, directly (default: the one board `edgeq board start` "
+                             "left running here, when no tracker is set).")(command)
+
+
+@cli.group("board")
+def board_group() -> None:
+    """Start, stop and list boards edgeq runs on this machine (the emulated aarch64 board)."""
+
+
+@board_group.command("start")
+@click.option("--emulated", is_flag=True, help="The emulated aarch64 board (qemu-user); required for now.")
+@click.option("--port", type=click.IntRange(1, 65535), help="RPC port (default: a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless asked).")
+@click.option("--tracker", metavar="HOST:PORT", help="Register with this RPC tracker.")
+@click.option("--key", help="Key to register under at the tracker (default rasp4-emulated).")
+def board_start_command(emulated: bool, port: int | None, host: str, tracker: str | None, key: str | None) -> None:
+    """Start a board in the background and print its address (`edgeq board stop` ends it)."""
+    from edgeq.remote.background import start_emulated_in_background
+
+    if not emulated:
+        raise click.UsageError("only --emulated boards can be started here; a real board runs deploy/board-setup.sh")
+    if key and not tracker:
+        raise click.UsageError("--key only means something with --tracker")
+    click.echo("edgeq: starting the emulated aarch64 board (builds its sysroot once; 15-20 s to serve)", err=True)
+    board = start_emulated_in_background(port, tracker, key, host=host,
+                                         log=lambda message: click.echo(f"edgeq: {message}", err=True))
+    click.echo(f"{board.describe()} serving after {board.start_seconds} s")
+    if board.tracker:
+        click.echo(f"use: --rpc-tracker {board.tracker} --rpc-key {board.key}")
+    else:
+        click.echo(f"use: --rpc {board.address}")
+
+
+@board_group.command("stop")
+@click.option("--port", type=click.IntRange(1, 65535), help="Stop only the board on this port (default: all).")
+def board_stop_command(port: int | None) -> None:
+    """Stop boards started with `edgeq board start` (server and worker processes)."""
+    from edgeq.remote.background import select_boards, stop_board
+
+    boards = select_boards(port)
+    if not boards:
+        click.echo("no board started by edgeq is recorded")
+    for board in boards:
+        was = stop_board(board)
+        click.echo(f"stopped {board.describe()}" if was else f"{board.describe()} was no longer running; forgotten")
+
+
+@board_group.command("status")
+def board_status_command() -> None:
+    """List boards started with `edgeq board start`, and whether they serve."""
+    from edgeq.remote.background import list_boards
+
+    boards = list_boards()
+    if not boards:
+        click.echo("no board started by edgeq is recorded")
+    for board in boards:
+        state = "serving" if board.alive() and board.listening() else ("running, not answering" if board.alive()
+                                                                         else "not running")
+        click.echo(f"{board.describe()}: {state}; log {board.log}")
+
+
+@cli.command("deploy")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@board_options
+@click.option("--output", type=click.Path(path_type=Path), help="Also write the report as JSON here.")
+def deploy_command(artifact: Path, rpc, rpc_tracker, rpc_key, output: Path | None) -> None:
+    """Verify an artifact, load it on a board and compare its golden batch (exit 1 on a mismatch)."""
+    from edgeq.deploy import deploy_artifact
+    from edgeq.fileio import atomic_write_json
+
+    result = deploy_artifact(artifact, rpc=rpc, tracker=rpc_tracker, key=rpc_key)
+    click.echo(result.report())
+    if output is not None:
+        atomic_write_json(output, result.to_json())
+    if not result.ok:
+        sys.exit(1)
+
+
+@cli.command("check")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--data", required=True, metavar="DIR|ARCHIVE", help="Validation images (ImageFolder or archive).")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Class-balanced images to run.")
+@board_options
+@click.option("--output", type=click.Path(path_type=Path), help="Write the report as JSON here.")
+def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_key, output: Path | None) -> None:
+    """On-device top-1 and agreement with the host library (integer builds must be exact; exit 1 otherwise)."""
+    from edgeq.check import check_artifact
+    from edgeq.fileio import atomic_write_json
+
+    with progress_bar("checking") as progress:
+        result = check_artifact(artifact, data, limit, rpc=rpc, tracker=rpc_tracker, key=rpc_key, progress=progress)
+    click.echo(result.report())
+    if output is not None:
+        atomic_write_json(output, result.to_json())
+        click.echo(f"report written to {output}")
+    if not result.ok:
+        sys.exit(1)
+
+
+@cli.command("profile")
+@click.option("--target", required=True, metavar="NAME|TAG|JSON", help="The board's target (as for `edgeq build`).")
+@click.option("--plans", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Bit plans (JSON): --plans a.json b.json ... (or repeat --plans).")
+@click.argument("more_plans", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--model", "model_name", default="edgeq/vit-cifar10", show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path))
+@click.option("--random-init", is_flag=True)
+@click.option("--calib", metavar="DIR|ARCHIVE|RECIPE.yaml", help="Calibration images (as for `edgeq build`).")
+@click.option("--method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit", show_default=True)
+@board_options
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Results folder: results.json, results.csv, pareto.png, artifacts/.")
+@click.option("--repeat", type=click.IntRange(min=2), default=10, show_default=True, help="Timed runs per plan.")
+@click.option("--per-op", is_flag=True, help="Also time each integer kernel on the board.")
+@click.option("--data", metavar="DIR|ARCHIVE", help="Check accuracy on the board on these images.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Images for --data.")
+@click.option("--latency-table", type=click.Path(path_type=Path),
+              help="Write the planner's per-layer latency table here (needs --per-op).")
+def profile_command(target, plans, more_plans, model_name, checkpoint, random_init, calib, method, rpc, rpc_tracker, rpc_key,
+                    out, repeat, per_op, data, limit, latency_table) -> None:
+    """Build, deploy, time and check each bit plan on a board; results table, CSV and Pareto plot."""
+    from edgeq.profile import ProfileConfig, format_table, profile_plans
+
+    if latency_table is not None and not per_op:
+        raise click.UsageError("--latency-table needs --per-op")
+    if rpc is None and rpc_tracker is None:
+        from edgeq.deploy import started_board_address
+
+        rpc = started_board_address()
+    config = ProfileConfig(target=target, plans=list(plans) + list(more_plans), out=out, model=model_name,
+                           checkpoint=str(checkpoint) if checkpoint else None, random_init=random_init, calib=calib,
+                           method=method, rpc=rpc, tracker=rpc_tracker, key=rpc_key, repeat=repeat, per_op=per_op,
+                           data=data, limit=limit if data else None, latency_table=latency_table)
+    outcome = profile_plans(config, log=lambda message: click.echo(f"edgeq: {message}", err=True))
+    click.echo(format_table(outcome.rows))
+    click.echo(f"results: {out}/results.json, {out}/results.csv, {out}/pareto.png"
+               + (f"; latency table {latency_table}" if latency_table else ""))
+
+
+@cli.command("tune")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--target", required=True, metavar="NAME|TAG|JSON", help="Target to tune for (measured on this machine).")
+@click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Measured candidates in all (MetaSchedule trial budget).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Database directory (default: <artifact>.tuning beside an artifact, <file>.tuning for an ONNX file).")
+def tune_command(source: Path, target: str, trials: int, out: Path | None) -> None:
+    """MetaSchedule-tune the float ops of an artifact (build/NAME) or ONNX file; hand-written kernels stay."""
+    from edgeq.tune import tune_onnx
+
+    integer = False
+    onnx_path = source
+    if source.is_dir():
+        import json
+
+        onnx_path = source / "model.onnx"
+        try:
+            integer = json.loads((source / "manifest.json").read_text()).get("precision") == "int"
+        except (OSError, ValueError):
+            raise EdgeqError(f"{source} is not an edgeq artifact (no readable manifest.json)") from None
+    database = out or source.with_name(source.name.removesuffix(".onnx") + ".tuning")
+    result = tune_onnx(onnx_path, target, database, trials=trials, integer=integer)
+    click.echo(f"tuned {result.tasks} operators with {result.trials} trials ({result.records} records): {database}")
 
 
 def main(argv: list[str] | None = None) -> None:
