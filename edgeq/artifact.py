@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from edgeq.errors import ArtifactError
-from edgeq.fileio import atomic_write_text
+from edgeq.fileio import atomic_write_text, file_sha256
 
 FORMAT = "edgeq.artifact"
 VERSION = 1
@@ -57,14 +57,6 @@ REQUIRED_KEYS = ("format", "version", "name", "precision", "entry", "batch", "mo
                  "golden", "versions", "digest")
 #: Files every artifact holds (``host.so`` too unless the target is the host; ``plan.json`` in integer builds).
 REQUIRED_FILES = (LIBRARY, WEIGHTS, ONNX, GOLDEN)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_files(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:

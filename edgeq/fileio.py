@@ -1,6 +1,7 @@
-"""Writing result files so that a failure never leaves a half-written file where a good one was."""
+"""Writing result files so that a failure never leaves a half-written file where a good one was; file digests."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,3 +32,12 @@ def read_json(path: str | os.PathLike, error: type[Exception], what: str) -> Any
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (archives and artifacts can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

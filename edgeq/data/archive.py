@@ -6,7 +6,6 @@ archive never reuses a stale one.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -14,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from edgeq.errors import DataError
+from edgeq.fileio import file_sha256
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -48,14 +48,6 @@ def resolve_data_path(spec: str | os.PathLike) -> Path:
 
 def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe_members(archive: tarfile.TarFile, source: Path):
