@@ -92,12 +92,6 @@ def make_artifact(folder: Path, target: str = "host", *, precision: str = "int",
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """``edgeq ARGS`` in this process: (exit code, stdout, stderr)."""
-    from edgeq.cli import main
+    from cli_runner import run_cli as run
 
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run(capsys, *args)

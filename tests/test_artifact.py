@@ -9,18 +9,10 @@ import numpy as np
 import pytest
 
 from edgeq import artifact as A
-from edgeq.cli import main
+from cli_runner import run_cli
 from edgeq.errors import ArtifactError
 
 
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def make_artifact(folder: Path, *, host: bool = True) -> Path:

@@ -8,20 +8,13 @@ import pytest
 
 from edgeq import artifact as A
 from edgeq import build as B
+from cli_runner import run_cli
 from edgeq.cli import main
 from edgeq.errors import ArtifactError, BitPlanError
 
 TINY = "edgeq/vit-tiny-test"
 
 
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, write_image_folder
-from edgeq.cli import main
+from cli_runner import run_cli
 from edgeq.errors import all_error_classes
 
 
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_models_lists_reference_models(capsys) -> None:
