@@ -34,3 +34,35 @@ def test_train_two_epochs_in_two_runs(tmp_path: Path) -> None:
     card = weights.with_suffix(".md").read_text()
     assert re.search(r"Validation top-1: \d+\.\d\d %\*\* on .* \(50 images\)", card)
     assert "finished" in card
+
+
+def _training_module():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import train_reference
+    finally:
+        sys.path.pop(0)
+    return train_reference
+
+
+def test_mixing_keeps_soft_targets_normalised_and_cutmix_weight_is_the_pasted_area() -> None:
+    import torch
+
+    train = _training_module()
+    images = torch.zeros(4, 3, 32, 32)
+    images[1::2] = 1.0  # the batch's reverse pairs 0 with 3 and 1 with 2: each pair differs everywhere
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), 10).float()
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        mixed, soft = train.mix(images, targets, 0.0, 1.0, generator)
+        assert torch.allclose(soft.sum(1), torch.ones(4))
+        pasted = (mixed[0] != images[0]).float().mean().item()
+        assert soft[0, 3].item() == pytest.approx(pasted)
+    untouched, same = train.mix(images, targets, 0.0, 0.0, torch.Generator())
+    assert untouched is images and same is targets
+
+
+def test_card_command_leaves_out_file_placement_options() -> None:
+    train = _training_module()
+    argv = "--model edgeq/vit-cifar10 --epochs 5 --threads 1 --weights-dir /tmp/w --skip-card --save-every=10 --mixup 0.8"
+    assert train.result_defining_args(argv.split()) == ["--model", "edgeq/vit-cifar10", "--epochs", "5", "--mixup", "0.8"]
