@@ -71,7 +71,7 @@ def models_command(pattern: str | None) -> None:
         if meta is None:
             weights = "missing"
         else:
-            weights = f"val top-1 {meta['val_top1']:.2f} % (epoch {meta['epoch']}/{meta['epochs']})"
+            weights = f"val top-1 {meta['val_top1']:.2f} % when trained (epoch {meta['epoch']}/{meta['epochs']})"
         rows.append((ref.name, weights, ref.summary))
     width = max(len(r[0]) for r in rows)
     click.echo("Bundled reference models (CIFAR-10, 32x32):")
