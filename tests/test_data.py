@@ -33,6 +33,30 @@ def test_archive_extracted_once_into_cache_keyed_by_hash(tiny_folder: Path, tmp_
     assert len(folder) == 30
 
 
+def test_extraction_finished_by_another_process_meanwhile_is_kept(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes extracting one archive at once: the later one must not delete the tree the first is reading."""
+    import tarfile
+
+    archive = write_archive(tiny_folder, tmp_path / "tiny.tar.gz")
+    original = tarfile.TarFile.extractall
+    state = {}
+
+    def racing_extractall(self, path, *args, **kwargs):
+        monkeypatch.setattr(tarfile.TarFile, "extractall", original)
+        state["first"] = materialize(archive)  # the other process, finishing first
+        state["stamp"] = (state["first"] / ".complete").stat().st_mtime_ns
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", racing_extractall)
+    second = materialize(archive)
+    assert second == state["first"]
+    assert (second / ".complete").stat().st_mtime_ns == state["stamp"]
+    assert len(ImageFolder(second)) == 30
+    assert not [p for p in second.parent.iterdir() if p.name.startswith(".extract-")]
+
+
 def test_data_path_resolved_under_edgeq_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_image_folder(tmp_path / "root" / "sets" / "mini", ["a", "b"], per_class=1)
     monkeypatch.setenv("EDGEQ_DATA", str(tmp_path / "root"))

@@ -79,9 +79,17 @@ def extract_archive(path: Path) -> Path:
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DataError(f"{path} is not a readable tar archive ({exc})") from None
         (staging / ".complete").write_text(f"{path.name} {digest}\n")
+        # Another process may have finished the same extraction meanwhile and be
+        # reading it: keep that one. Only an incomplete leftover is replaced.
+        if (target / ".complete").exists():
+            return target
         if target.exists():
             shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / ".complete").exists():
+                raise DataError(f"cannot move the extraction of {path} into {target}") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
