@@ -11,7 +11,7 @@ from typing import Any
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per process: concurrent writers
     partial.write_text(text)
     partial.replace(path)
     return path

@@ -22,7 +22,7 @@ def load_uint8_arrays(spec: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
     labels = np.asarray(folder.labels, dtype=np.int64)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(".partial.npz")
+        partial = cached.with_name(f".{cached.stem}.{os.getpid()}.partial.npz")  # one per process: concurrent runs
         np.savez(partial, images=images, labels=labels, classes=np.asarray(folder.classes))
         partial.replace(cached)
     return images, labels, folder.classes
