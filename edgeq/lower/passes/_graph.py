@@ -13,15 +13,17 @@ import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator
 
-from edgeq.errors import UnsupportedModelError
+from edgeq.errors import EdgeqError, UnsupportedModelError
 from edgeq.lower.relax_import import LAYER_KEYS_ATTR, module_json_attr
 
 # Passes run behind TVM's FFI: registered, the error comes back out of ``pass(mod)`` as itself, not RuntimeError.
 tvm_ffi.register_error(UnsupportedModelError.__name__, UnsupportedModelError)
 
 __all__ = ["Graph", "QAct", "QWeight", "shape_of", "dtype_of", "match_act_dequant", "match_weight_dequant",
-           "LayerNamer", "resolve_target", "cached_kernel", "KERNEL_LAYERS_ATTR"]
+           "LayerNamer", "resolve_target", "cached_kernel", "KERNEL_LAYERS_ATTR", "BindingRewriter",
+           "rewrite_functions"]
 
 
 def shape_of(expr: relax.Expr) -> tuple[int, ...]:
@@ -224,3 +226,47 @@ def cached_kernel(builder, *args, target: tvm.target.Target, **kwargs):
             _KERNEL_CACHE.clear()
         _KERNEL_CACHE[key] = builder(*args, target, **kwargs)
     return _KERNEL_CACHE[key]
+
+
+class BindingRewriter(PyExprMutator):
+    """Calls ``self.rewrite(var, call)`` for each binding of the function being visited; a non-None result
+    replaces the call. Subclasses are decorated with ``@mutator`` and run by :func:`rewrite_functions`."""
+
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+        super().__init__(mod)
+        self.target = target
+        self.namer = LayerNamer(mod)
+        self.graph: Optional[Graph] = None
+        self.current = None
+        self.error: Optional[EdgeqError] = None
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        self.current = binding.var
+        super().visit_var_binding_(binding)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        var = self.current
+        if self.error is None and self.graph is not None and var is not None and \
+                call.same_as(self.graph.producer.get(var)):
+            try:
+                out = self.rewrite(var, call)
+            except EdgeqError as err:  # raised again after the visit: errors do not cross the FFI intact
+                self.error, out = err, None
+            if out is not None:
+                return out
+        return super().visit_call_(call)
+
+    def rewrite(self, var, call) -> Optional[relax.Expr]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def rewrite_functions(mod: tvm.IRModule, rewriter) -> tvm.IRModule:
+    """Run a binding rewriter (with a ``graph`` attribute) over every Relax function of ``mod``."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            rewriter.graph = Graph(func)
+            new = rewriter.visit_expr(func)
+            if rewriter.error is not None:
+                raise rewriter.error
+            rewriter.builder_.update_func(gv, new)
+    return rewriter.namer.annotate(rewriter.builder_.get())

@@ -40,16 +40,16 @@ from typing import Optional
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
-from edgeq.errors import EdgeqError, UnsupportedModelError
+from edgeq.errors import UnsupportedModelError
 from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
 from edgeq.lower.kernels.relax_glue import emit_call
 from edgeq.lower.relax_import import matmul_key
 
-from ._graph import Graph, LayerNamer, cached_kernel, dtype_of, match_act_dequant, resolve_target, shape_of
-from .qlinear import rewrite_functions
+from ._graph import (BindingRewriter, Graph, cached_kernel, dtype_of, match_act_dequant, resolve_target,
+                     rewrite_functions, shape_of)
 
 __all__ = ["FuseQMatmul", "FuseLog2AV", "Log2Codes", "match_log2_codes", "log2_table"]
 
@@ -59,37 +59,6 @@ def _batched_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> Optional[tuple[in
     if len(a) < 2 or len(a) != len(b) or a[:-2] != b[:-2] or a[-1] != b[-2]:
         return None
     return int(np.prod(a[:-2], dtype=np.int64)), a[-2], a[-1], b[-1]
-
-
-class _BindingRewriter(PyExprMutator):
-    """Shared plumbing: calls ``self.rewrite(var, call)`` for each binding of the original function."""
-
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
-        super().__init__(mod)
-        self.target = target
-        self.namer = LayerNamer(mod)
-        self.graph: Optional[Graph] = None
-        self.current = None
-        self.error: Optional[EdgeqError] = None
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        self.current = binding.var
-        super().visit_var_binding_(binding)
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        var = self.current
-        if self.error is None and self.graph is not None and var is not None and \
-                call.same_as(self.graph.producer.get(var)):
-            try:
-                out = self.rewrite(var, call)
-            except EdgeqError as err:  # raised again after the visit: errors do not cross the FFI intact
-                self.error, out = err, None
-            if out is not None:
-                return out
-        return super().visit_call_(call)
-
-    def rewrite(self, var, call) -> Optional[relax.Expr]:  # pragma: no cover - overridden
-        raise NotImplementedError
 
 
 def _dequantize_float(bb: relax.BlockBuilder, acc: relax.Expr, scale: float, shape) -> relax.Expr:
@@ -102,7 +71,7 @@ def _dequantize_float(bb: relax.BlockBuilder, acc: relax.Expr, scale: float, sha
 
 
 @mutator
-class _QMatmulRewriter(_BindingRewriter):
+class _QMatmulRewriter(BindingRewriter):
     def rewrite(self, var, call):
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
             return None
@@ -388,7 +357,7 @@ def softmax_prob_sum(graph: Graph, codes: relax.Var, table: np.ndarray, scale: f
 
 
 @mutator
-class _Log2AVRewriter(_BindingRewriter):
+class _Log2AVRewriter(BindingRewriter):
     def rewrite(self, var, call):
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
             return None

@@ -33,16 +33,16 @@ from typing import Optional
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
-from edgeq.errors import EdgeqError, UnsupportedModelError
+from edgeq.errors import UnsupportedModelError
 from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.qlinear import qlinear_kernel
 from edgeq.lower.kernels.relax_glue import emit_call
 from edgeq.lower.relax_import import weight_key
 
-from ._graph import (Graph, LayerNamer, QAct, QWeight, cached_kernel, match_act_dequant, match_weight_dequant,
-                     resolve_target, shape_of)
+from ._graph import (BindingRewriter, Graph, LayerNamer, QAct, QWeight, cached_kernel, match_act_dequant,
+                     match_weight_dequant, resolve_target, rewrite_functions, shape_of)
 
 __all__ = ["FuseQLinear", "LinearMatch", "match_linear"]
 
@@ -245,32 +245,13 @@ def emit_linear(bb: relax.BlockBuilder, match: LinearMatch, x_codes: relax.Expr,
 
 
 @mutator
-class _QLinearRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
-        super().__init__(mod)
-        self.target = target
-        self.namer = LayerNamer(mod)
-        self.graph: Optional[Graph] = None
-        self.current: Optional[relax.Var] = None
-        self.error: Optional[EdgeqError] = None
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        self.current = binding.var
-        super().visit_var_binding_(binding)
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        var = self.current
-        if self.error is None and self.graph is not None and var is not None and \
-                call.same_as(self.graph.producer.get(var)):
-            try:
-                match = match_linear(self.graph, var, call)
-                if match is not None:
-                    layer = self.namer.name(weight_key(_original_codes(match)), match.kind)
-                    return emit_linear(self.builder_, match, self.visit_expr(match.x.codes), self.target, layer,
-                                       self.namer)
-            except EdgeqError as err:  # raised again after the visit: errors do not cross the FFI intact
-                self.error = err
-        return super().visit_call_(call)
+class _QLinearRewriter(BindingRewriter):
+    def rewrite(self, var, call):
+        match = match_linear(self.graph, var, call)
+        if match is None:
+            return None
+        layer = self.namer.name(weight_key(_original_codes(match)), match.kind)
+        return emit_linear(self.builder_, match, self.visit_expr(match.x.codes), self.target, layer, self.namer)
 
 
 def _original_codes(match: LinearMatch) -> np.ndarray:
@@ -279,18 +260,6 @@ def _original_codes(match: LinearMatch) -> np.ndarray:
         kh, kw = match.conv_kernel
         return match.w.codes.reshape(match.w.codes.shape[0], c, kh, kw)
     return match.w.codes
-
-
-def rewrite_functions(mod: tvm.IRModule, rewriter) -> tvm.IRModule:
-    """Run a binding rewriter (with a ``graph`` attribute) over every Relax function of ``mod``."""
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            rewriter.graph = Graph(func)
-            new = rewriter.visit_expr(func)
-            if rewriter.error is not None:
-                raise rewriter.error
-            rewriter.builder_.update_func(gv, new)
-    return rewriter.namer.annotate(rewriter.builder_.get())
 
 
 @tvm.transform.module_pass(opt_level=0, name="edgeq.FuseQLinear")
