@@ -192,27 +192,17 @@ def prepare_model(name: str, args, work: Path, log) -> tuple[list[tuple[str, obj
     outputs["ort int8"] = ort_int8.run(None, {"input": example})[0]
 
     variants = [("edgeq fp32", float_onnx, False)]
-    try:
-        import edgeq.lower.integer  # noqa: F401  (helper A's integer lowering)
+    from edgeq.quant import quantize
 
-        integer_ok, why = True, ""
-    except ImportError as err:
-        integer_ok, why = False, f"edgeq.lower.integer not available ({err})"
-    if integer_ok:
-        from edgeq.quant import quantize
-
-        images = torch.from_numpy(calib)
-        for label, plan in (("edgeq w8a8", "w8a8"), ("edgeq w4/8", _mixed_plan(model))):
-            log(f"{name}: {label} quantization and QDQ export")
-            try:
-                qmodel = quantize(model, images, plan, method="minmax")
-                variants.append((label, export_onnx(qmodel, work / f"{slug}.{label.split()[1].replace('/', '-')}.onnx",
-                                                    int4="int8", batch=1), True))
-            except Exception as err:  # report and go on with the other contenders
-                builds.append({"contender": label, "error": f"quantize/export: {err}"})
-    else:
-        for label in ("edgeq w8a8", "edgeq w4/8"):
-            builds.append({"contender": label, "error": why})
+    images = torch.from_numpy(calib)
+    for label, plan in (("edgeq w8a8", "w8a8"), ("edgeq w4/8", _mixed_plan(model))):
+        log(f"{name}: {label} quantization and QDQ export")
+        try:
+            qmodel = quantize(model, images, plan, method="minmax")
+            variants.append((label, export_onnx(qmodel, work / f"{slug}.{label.split()[1].replace('/', '-')}.onnx",
+                                                int4="int8", batch=1), True))
+        except Exception as err:  # report and go on with the other contenders
+            builds.append({"contender": label, "error": f"quantize/export: {err}"})
 
     for label, path, integer in variants:
         log(f"{name}: building {label}")

@@ -35,13 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("EDGEQ_DATA", str(REPO.parent / "shared" / "data"))
 
-from ptq_accuracy import top1  # noqa: E402  (bench/ is on sys.path when this script runs)
+from ptq_accuracy import model_and_data_arguments, top1  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 from edgeq.bitplan import BitPlan  # noqa: E402
 from edgeq.data import data_config  # noqa: E402
 from edgeq.data.calibration import CalibrationRecipe, load_calibration, resolve_recipe  # noqa: E402
 from edgeq.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from edgeq.models import REFERENCE_MODELS, create_model  # noqa: E402
+from edgeq.models import create_model  # noqa: E402
 from edgeq.plan import (  # noqa: E402
     AllocationOptions,
     layer_costs,
@@ -57,10 +57,7 @@ PLANNERS = ("lrp", "sensitivity", "nuclear", "mix")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=sorted(REFERENCE_MODELS), choices=sorted(REFERENCE_MODELS))
-    parser.add_argument("--val", default="cifar10/val.tar.gz", help="folder or archive (also under $EDGEQ_DATA)")
-    parser.add_argument("--calib", default=str(REPO / "calibration" / "cifar10-32.yaml"),
-                        help="calibration recipe (YAML) or data folder/archive")
+    model_and_data_arguments(parser)
     parser.add_argument("--limit", type=int, default=0, help="evaluate on N class-balanced val images (0: all 5000)")
     parser.add_argument("--avg-bits", type=int, nargs="+", default=[3, 4, 5, 6])
     parser.add_argument("--a-bits", type=int, nargs="+", default=[4], help="activation width of every row (one table each)")

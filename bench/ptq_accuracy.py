@@ -48,12 +48,17 @@ ABLATIONS = (
 )
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--models, --val and --calib, shared by the accuracy benches."""
     parser.add_argument("--models", nargs="+", default=sorted(REFERENCE_MODELS), choices=sorted(REFERENCE_MODELS))
     parser.add_argument("--val", default="cifar10/val.tar.gz", help="folder or archive (also under $EDGEQ_DATA)")
     parser.add_argument("--calib", default=str(REPO / "calibration" / "cifar10-32.yaml"),
                         help="calibration recipe (YAML) or data folder/archive")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_and_data_arguments(parser)
     parser.add_argument("--calib-images", type=int, default=None, help="override the recipe's count")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate on N class-balanced val images (0: all)")
