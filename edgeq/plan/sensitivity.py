@@ -52,7 +52,7 @@ from edgeq.errors import CalibrationError, PlanningError
 from edgeq.fileio import atomic_write_json
 from edgeq.plan.allocate import DEFAULT_A_BITS, DEFAULT_W_BITS
 from edgeq.plan.latency import parse_width_key, width_key
-from edgeq.quant.api import _expected_input, check_calibration_data
+from edgeq.quant.api import check_calibration_data, expected_input_shape
 from edgeq.quant.config import MIN_CALIBRATION_IMAGES, QuantConfig
 from edgeq.quant.convert import check_supported, layer_specs
 from edgeq.quant.modules import QUANT_ATTENTION, Calibration, LayerSpec, QuantConv2d, QuantLinear, QuantMatMul, swap_attention
@@ -311,7 +311,7 @@ def measure_sensitivity(
     """
     check_supported(model)
     config = QuantConfig.for_method(method, **quant_options)
-    images = check_calibration_data(images, _expected_input(model))
+    images = check_calibration_data(images, expected_input_shape(model))
     w_bits = tuple(sorted({int(b) for b in w_bits}))
     a_bits = tuple(sorted({int(b) for b in a_bits}))
     if not w_bits or not a_bits:

@@ -74,7 +74,8 @@ class QuantizedModel(nn.Module):
         return {name: LayerSpec.from_json(name, data) for name, data in self.metadata["layers"].items()}
 
 
-def _expected_input(model: nn.Module) -> tuple[int, int, int]:
+def expected_input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model's patch embedding takes."""
     embed = model.patch_embed
     channels = embed.proj.in_channels
     size = getattr(embed, "img_size", None)
@@ -128,7 +129,7 @@ def quantize(
         raise TypeError("the model is already quantized; pass the float model")
     check_supported(model)
     plan.check_layers(quantizable_layers(model))
-    expected = _expected_input(model)
+    expected = expected_input_shape(model)
 
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
