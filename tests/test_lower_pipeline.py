@@ -146,3 +146,45 @@ def test_tune_command_refuses_a_missing_model(tmp_path, capsys):
     assert caught.value.code == 1
     assert "no ONNX model" in capsys.readouterr().err
     assert not (tmp_path / "none.tuning").exists()
+
+
+def test_interleaved_row_reductions_give_the_serial_bits():
+    """LayerNorm's and Softmax's reductions run several rows side by side (65 rows: 5 lanes), each row still
+    summed in order: the scheduled PrimFuncs give the same bits as the unscheduled, one-row-at-a-time ones."""
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    from edgeq.lower.pipeline import EXACT_FP_TIR_PIPELINE
+
+    @I.ir_module
+    class NormSoftmax:
+        @R.function
+        def main(x: R.Tensor((1, 65, 96), "float32"), g: R.Tensor((96,), "float32"),
+                 b: R.Tensor((96,), "float32")) -> R.Tensor((1, 65, 96), "float32"):
+            with R.dataflow():
+                y = R.nn.layer_norm(x, g, b, axes=[-1])
+                z = R.nn.softmax(y * R.const(4.0, "float32"), axis=-1)
+                R.output(z)
+            return z
+
+    legal = relax.transform.LegalizeOps()(NormSoftmax)
+    rng = np.random.default_rng(0)
+    x, g, b = (rng.standard_normal(s).astype(np.float32) * 3 for s in ((1, 65, 96), (96,), (96,)))
+    scripts = []
+    for gv, func in legal.functions.items():
+        if not ("layer_norm" in gv.name_hint or "softmax" in gv.name_hint):
+            continue
+        scheduled = schedule_cpu_primfunc(func, max_threads=2)
+        scripts.append(scheduled.script())
+        inputs = (x, g, b) if "layer_norm" in gv.name_hint else (np.abs(x),)
+        outs = []
+        for f in (func, scheduled):
+            lib = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}), target=host_target(2),
+                              tir_pipeline=EXACT_FP_TIR_PIPELINE)
+            out = tvm.runtime.tensor(np.zeros(x.shape, "float32"))
+            lib.mod["f"](*[tvm.runtime.tensor(a) for a in inputs], out)
+            outs.append(out.numpy())
+        np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+    reductions = [s for s in scripts if "_update" in s]
+    assert len(reductions) >= 2  # layer norm's sums and softmax's max / exp sum were interleaved
+    assert all("T.vectorized(T.int64(5))" in s for s in reductions)

@@ -8,15 +8,17 @@
    (LayerNorm, Softmax, GELU, adds, reshapes, transposes) into PrimFuncs;
 3. with ``tuning_db``, PrimFuncs that MetaSchedule tuned (:mod:`edgeq.tune`) take their tuned schedule;
 4. :func:`schedule_cpu_primfunc` schedules each PrimFunc that is still unscheduled: injective producers are
-   inlined, the outer spatial loops of every remaining block are fused into one parallel loop, and the
-   innermost spatial loop is vectorized;
+   inlined; a reduction block (LayerNorm's sums, Softmax's max and exp sum) reduces a few rows side by side,
+   vectorized across rows, each row still in its serial order; in every other block the outer (row) loops are
+   fused into one parallel loop and the innermost spatial loop is vectorized;
 5. TVM's dataflow lowering and finalization passes, then ``tvm.compile`` with the TIR pipeline
    ``edgeq_exact_fp`` (TVM's ``s_tir`` pipeline plus :func:`fence_float_products`).
 
 Float results must not depend on the CPU: an integer build's board library has to reproduce the x86 host's
 outputs bit for bit, and the float ops between the integer kernels (LayerNorm, Softmax, GELU, quantize) decide
 integer codes by rounding. Every step is an IEEE operation in a fixed order (reductions stay serial, only
-spatial loops are vectorized, no fast-math flags) except one: TVM's LLVM backend allows FP contraction
+spatial loops are vectorized, a reduction is only ever vectorized across independent rows, no fast-math
+flags) except one: TVM's LLVM backend allows FP contraction
 (``AllowFPOpFusion = Fast``, no target attribute turns it off) and ``LowerIntrin`` turns ``a * b + c`` into
 ``llvm.fmuladd``, so whether a product was rounded before its add was up to each backend's instruction
 selection and vectorizers (one LayerNorm: x86 fused the variance sum into scalar FMAs, aarch64 vectorized the
@@ -41,13 +43,18 @@ from tvm.s_tir import Schedule
 
 from edgeq.lower.kernels.micro import as_target
 
-__all__ = ["compile_relax", "cpu_pipeline", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
+__all__ = ["compile_relax", "cpu_pipeline", "schedule_relax", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
            "fence_float_products", "EXACT_FP_TIR_PIPELINE"]
 
 _SCHEDULED = "tirx.is_scheduled"
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 _VECTOR_LANES = 8
-_MAX_VECTOR = 64
+_MAX_VECTOR = 128
+#: rows reduced side by side (the first that divides the row count): enough independent add chains to hide
+#: the float adder's latency
+_ROW_LANES = (8, 5, 6, 4, 7, 3)
+_MIN_ROW_LENGTH = 16
+_MIN_PARALLEL_ROWS = 8
 
 
 def is_scheduled(func) -> bool:
@@ -110,7 +117,9 @@ def _parallel_vectorize(sch: Schedule, block, max_threads: int) -> None:
         extent = int(sch.get(spatial[-1]).extent)
         if extent % _VECTOR_LANES == 0 and extent > _VECTOR_LANES:
             outer, inner = sch.split(spatial[-1], [None, _VECTOR_LANES])
-            spatial = spatial[:-1] + [outer]
+            # rows in parallel, each row's vectors in a plain loop: fusing the row loop with the vector loop
+            # leaves div/mod index arithmetic the vectorizer turns into gathers
+            spatial = spatial[:-1] if _extent(sch, spatial[:-1]) >= _MIN_PARALLEL_ROWS else spatial[:-1] + [outer]
         elif 1 < extent <= _MAX_VECTOR and len(spatial) > 1:
             inner = spatial[-1]
             spatial = spatial[:-1]
@@ -122,6 +131,46 @@ def _parallel_vectorize(sch: Schedule, block, max_threads: int) -> None:
         sch.vectorize(inner)
 
 
+def _extent(sch: Schedule, loops) -> int:
+    out = 1
+    for loop in loops:
+        out *= int(sch.get(loop).extent)
+    return out
+
+
+def _interleave_rows(sch: Schedule, block, max_threads: int) -> bool:
+    """Reduce :data:`_ROW_LANES` independent rows side by side: ``for k: for row in lanes: acc[row] += f(x[row, k])``.
+
+    A serial float reduction (LayerNorm's sums, Softmax's max and exp sum) is one dependent add chain per row, so
+    it runs at the adder's latency. Interleaving rows keeps every row's own order (same bits: each lane does the
+    scalar row's operations one after another) but gives the CPU independent chains, and lets the vectorizer
+    compute the per-element work (Softmax's exp polynomial) across rows. False when the block does not have the
+    legalized shape (spatial loops, then reduction loops) or its rows do not split evenly.
+    """
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(stmt.iter_vars) or _is_spatial_block(sch, block):
+        return False
+    spatial = _leading_spatial_loops(sch, block)
+    reduce = loops[len(spatial):]
+    if not spatial or not reduce or any(iv.iter_type != tirx.IterVar.CommReduce for iv in stmt.iter_vars[len(spatial):]):
+        return False
+    if _extent(sch, reduce) < _MIN_ROW_LENGTH:  # short rows (a max over two values): spatial work dominates
+        return False
+    rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    lanes = next((n for n in _ROW_LANES if int(sch.get(rows).extent) % n == 0), None)
+    if lanes is None:
+        return False
+    outer, inner = sch.split(rows, [None, lanes])
+    sch.reorder(outer, *reduce, inner)
+    # parallel and vectorize before the init block is split off: both want one complete reduction block
+    if int(sch.get(outer).extent) > 1 and max_threads > 1:
+        sch.parallel(outer)
+    sch.vectorize(inner)
+    sch.decompose_reduction(block, reduce[0])
+    return True
+
+
 def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.PrimFunc:
     """A parallel, vectorized schedule of a legalized PrimFunc (returned unchanged when it does not apply)."""
     try:
@@ -130,7 +179,15 @@ def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.Pri
             return func
         _inline_injective(sch)
         for block in sch.get_child_blocks(sch.get_sblock("root")):
-            _parallel_vectorize(sch, block, max_threads)
+            trial = sch.copy()
+            try:
+                interleaved = _interleave_rows(trial, block, max_threads)
+            except (RuntimeError, ValueError):  # a primitive refused: schedule the block the plain way
+                interleaved = False
+            if interleaved:
+                sch = trial
+            else:
+                _parallel_vectorize(sch, block, max_threads)
         return sch.mod["main"]
     except (RuntimeError, ValueError):  # the schedule primitive refused: keep the function as it is
         return func
@@ -178,13 +235,12 @@ def _apply_tuning_db(tuning_db: str | os.PathLike, target: tvm.target.Target) ->
     return apply_database_pass(tuning_db, target)
 
 
-def cpu_pipeline(target, *, tuning_db: str | os.PathLike | None = None) -> tvm.transform.Pass:
-    """The Relax pipeline :func:`compile_relax` uses for a CPU target (a ``tvm.transform.Pass``)."""
+def _scheduling_passes(tgt: tvm.target.Target, tuning_db: str | os.PathLike | None) -> list:
+    """Steps 1-4 of the module doc: Relax ops to scheduled PrimFuncs, ``main`` still a dataflow of ``call_tir``."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from edgeq.lower.passes.float_kernels import FloatKernels
 
-    tgt = as_target(target)
     # FastMathTransform: erf/exp/tanh as vectorizable polynomials (libm's are scalar calls; GELU's erf alone
     # cost as much as all the GEMMs of a block); agreement with PyTorch stays ~1e-6
     passes = [FloatKernels(tgt), relax.transform.FastMathTransform(), keep_kernels_opaque]
@@ -192,6 +248,23 @@ def cpu_pipeline(target, *, tuning_db: str | os.PathLike | None = None) -> tvm.t
     if tuning_db is not None:
         passes.append(_apply_tuning_db(tuning_db, tgt))
     passes.append(ScheduleCPU(tgt))
+    return passes
+
+
+def schedule_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | None = None) -> tvm.IRModule:
+    """``mod`` as :func:`cpu_pipeline` has it just before dataflow lowering: every op a scheduled PrimFunc that
+    ``main`` calls with ``R.call_tir`` (what ``edgeq profile --per-op`` times one PrimFunc at a time)."""
+    tgt = as_target(target)
+    with tgt:
+        return tvm.transform.Sequential(_scheduling_passes(tgt, tuning_db))(mod)
+
+
+def cpu_pipeline(target, *, tuning_db: str | os.PathLike | None = None) -> tvm.transform.Pass:
+    """The Relax pipeline :func:`compile_relax` uses for a CPU target (a ``tvm.transform.Pass``)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    tgt = as_target(target)
+    passes = _scheduling_passes(tgt, tuning_db)
     passes += cpu_generic.dataflow_lower_passes(tgt) + cpu_generic.finalize_passes(tgt)
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.CPUPipeline")
