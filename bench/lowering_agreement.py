@@ -13,6 +13,11 @@ float reassociation alone flips some activation codes, so that is the noise floo
     python bench/lowering_agreement.py --model edgeq/vit-cifar10 --mixed 0 --limit 1000   # seeded random mix
 
 ``--batch`` is the compiled module's batch size (images are padded to a multiple of it).
+
+``--noise-floor EPS`` also measures what agreement any lowering can hope for: the fake-quant model against
+itself with relative noise of EPS (1e-7: about one float32 rounding step) multiplied into the input of every
+activation quantizer but the first (the image is the same on both sides). Low-bit plans amplify such noise:
+a code flipped at a rounding boundary moves the next layer by a whole quantization step.
 """
 from __future__ import annotations
 
@@ -50,6 +55,31 @@ def mixed_plan(model: torch.nn.Module, seed: int) -> BitPlan:
     return BitPlan(LayerBits(8, 8), layers, {"method": "bench-mixed", "seed": seed})
 
 
+def fakequant_logits(qmodel: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([qmodel(images[i:i + 100]) for i in range(0, len(images), 100)]).numpy()
+
+
+def noisy_fakequant_logits(qmodel: torch.nn.Module, images: torch.Tensor, eps: float, seed: int = 1) -> np.ndarray:
+    """Logits with every activation quantizer's input (but the image's) scaled by ``1 + eps * N(0, 1)``."""
+    from edgeq.quant.modules import LogQuantizer, UniformQuantizer
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def perturb(_module, inputs):
+        x = inputs[0]
+        return (x * (1.0 + eps * torch.randn(x.shape, generator=generator)),) + tuple(inputs[1:])
+
+    quantizers = [m for name, m in qmodel.named_modules() if isinstance(m, (UniformQuantizer, LogQuantizer))
+                  and not name.startswith(("patch_embed", "model.patch_embed"))]
+    hooks = [m.register_forward_pre_hook(perturb) for m in quantizers]
+    try:
+        return fakequant_logits(qmodel, images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="edgeq/vit-cifar10", choices=sorted(REFERENCE_MODELS))
@@ -63,6 +93,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--noise-floor", type=float, default=0.0, metavar="EPS",
+                        help="also report fake-quant vs itself with relative noise EPS at quantizer inputs")
     return parser.parse_args()
 
 
@@ -115,9 +147,14 @@ def main() -> None:
                           for i in range(0, len(padded), args.batch)])[:len(images)]
     times["compiled_run_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    with torch.no_grad():
-        ref = torch.cat([qmodel(images[i:i + 100]) for i in range(0, len(images), 100)]).numpy()
+    ref = fakequant_logits(qmodel, images)
     times["torch_run_s"] = time.perf_counter() - start
+    floor = {}
+    if args.noise_floor:
+        noisy = noisy_fakequant_logits(qmodel, images, args.noise_floor)
+        floor = {"noise_floor_eps": args.noise_floor,
+                 "noise_floor_agreement_top1": float((noisy.argmax(-1) == ref.argmax(-1)).mean()),
+                 "noise_floor_logits_rel_err": float(np.linalg.norm(noisy - ref) / np.linalg.norm(ref))}
     result = {
         "model": args.model, "plan": plan_name, "images": len(images), "batch": args.batch,
         "integer_kernels": kernels, "quantized_layers": len(qmodel.metadata["layers"]),
@@ -129,6 +166,7 @@ def main() -> None:
         "logits_max_abs_err": float(np.abs(got - ref).max()),
         "onnxruntime_agreement_top1": float((ort.argmax(-1) == ref.argmax(-1)).mean()),
         "onnxruntime_logits_rel_err": float(np.linalg.norm(ort - ref) / np.linalg.norm(ref)),
+        **floor,
         **{k: round(v, 1) for k, v in times.items()},
     }
     text = json.dumps(result, indent=1)
