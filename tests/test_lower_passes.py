@@ -149,14 +149,24 @@ def _conv_module(w, w_scale, bias, x_scale, x_zp, shape, stride, padding=0):
     return _function([x], body)
 
 
-def test_fuse_patch_conv_as_im2col_qlinear():
-    o, c, p = 6, 3, 2
+PATCH_CONV = (6, 3, 2)  # output channels, input channels, patch size
+
+
+def _patch_conv_lowered():
+    """A quantized 2x2 patch conv on a 6x4 uint8 image (odd sizes): the image, weights, module before and after."""
+    o, c, p = PATCH_CONV
     w = RNG.integers(-127, 128, (o, c, p, p)).astype(np.int8)
     w_scale = RNG.uniform(0.002, 0.01, o).astype(np.float32)
     bias = RNG.uniform(-0.5, 0.5, o).astype(np.float32)
     x = RNG.integers(0, 256, (2, c, 6, 4)).astype(np.uint8)
     mod = _conv_module(w, w_scale, bias, 0.03, 120, x.shape, (p, p))
     lowered = _lower(mod, FuseQLinear(TARGET))
+    return x, (w, w_scale, bias), mod, lowered
+
+
+def test_fuse_patch_conv_as_im2col_qlinear():
+    o, c, p = PATCH_CONV
+    x, (w, w_scale, bias), _, lowered = _patch_conv_lowered()
     assert len(_kernels(lowered)) == 1 and "conv2d" not in _ops(lowered)
     cols = x.reshape(2, c, 3, p, 2, p).transpose(0, 2, 4, 1, 3, 5).reshape(12, c * p * p)
     expected, _, _ = _expected_float(cols, 120, 0.03, w.reshape(o, -1), w_scale, bias)
@@ -277,13 +287,7 @@ def test_cleanup_drops_dead_dequantize_chains():
 
 
 def test_patch_conv_matches_float_conv():
-    o, c, p = 6, 3, 2
-    w = RNG.integers(-127, 128, (o, c, p, p)).astype(np.int8)
-    w_scale = RNG.uniform(0.002, 0.01, o).astype(np.float32)
-    bias = RNG.uniform(-0.5, 0.5, o).astype(np.float32)
-    x = RNG.integers(0, 256, (2, c, 6, 4)).astype(np.uint8)
-    mod = _conv_module(w, w_scale, bias, 0.03, 120, x.shape, (p, p))
-    lowered = _lower(mod, FuseQLinear(TARGET))
+    x, _, mod, lowered = _patch_conv_lowered()
     np.testing.assert_allclose(_run(lowered, x), _run(mod, x), rtol=1e-5, atol=1e-5)
 
 
