@@ -109,13 +109,14 @@ def mix(images: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float
         return images, targets
     use_cutmix = bool(cutmix) and (not mixup or torch.rand(1, generator=generator).item() < 0.5)
     alpha = cutmix if use_cutmix else mixup
+    # torch's Beta sampler takes no generator: seed numpy's from ours so runs stay reproducible
     lam = float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).beta(alpha, alpha))
     flipped_images, flipped_targets = images.flip(0), targets.flip(0)
     if use_cutmix:
         _, _, h, w = images.shape
         cut_h, cut_w = int(h * math.sqrt(1.0 - lam)), int(w * math.sqrt(1.0 - lam))
-        cy, cx = (int(v) for v in torch.randint(0, h, (1,), generator=generator).tolist() +
-                  torch.randint(0, w, (1,), generator=generator).tolist())
+        cy = int(torch.randint(0, h, (1,), generator=generator))
+        cx = int(torch.randint(0, w, (1,), generator=generator))
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
         images = images.clone()
