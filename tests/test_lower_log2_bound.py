@@ -1,7 +1,7 @@
 """FuseLog2AV's base shift: the softmax bound on ``sum_j p_j`` (sound, and only where the producer is a softmax).
 
-The Relax graphs mirror what :func:`edgeq.lower.relax_import.import_onnx` makes of the export's log2 quantize
-half (ONNX ``Max`` imports as ``max(stack(...), axis=0)``, ``Cast`` to uint8 via int32 and ``& 255``).
+The Relax graphs mirror what :func:`edgeq.lower.relax_import.import_onnx` makes of the export's log2 quantizer
+(:mod:`log2_chains`).
 """
 from __future__ import annotations
 
@@ -16,43 +16,10 @@ from edgeq.lower.kernels.runner import host_target
 from edgeq.lower.passes import FuseLog2AV, RemoveDeadQDQ
 from edgeq.lower.passes._graph import Graph
 from edgeq.lower.passes.attention import log2_table, softmax_prob_sum
+from log2_chains import dequant_half, f32, quantize_half
 
 TARGET = host_target()
 RNG = np.random.default_rng(5)
-MULT, FRAC = 106, 8
-
-
-def _f32(v) -> relax.Expr:
-    return relax.const(np.asarray(v, np.float32))
-
-
-def _quantize_half(bb, x, scale, zero_code):
-    """Export's ``log_codes``: codes = where(x/s > 0 and t < Z, t, Z), t = max(round(-2 log2(x/s)), 0)."""
-    shape = x.ty.shape
-    ratio = bb.emit(relax.op.divide(x, _f32(scale)))
-    positive = bb.emit(relax.op.greater(ratio, _f32(0.0)))
-    safe = bb.emit(relax.op.where(positive, ratio, _f32(1.0)))
-    t = bb.emit(relax.op.round(bb.emit(relax.op.multiply(bb.emit(relax.op.log(safe)), _f32(-2.0 / np.log(2.0))))))
-    stacked = bb.emit(relax.op.stack([bb.emit(relax.op.broadcast_to(t, shape)),
-                                      bb.emit(relax.op.broadcast_to(_f32(0.0), shape))], axis=0))
-    t = bb.emit(relax.op.max(stacked, axis=[0], keepdims=False))
-    keep = bb.emit(relax.op.logical_and(positive, bb.emit(relax.op.less(t, _f32(zero_code)))))
-    code = bb.emit(relax.op.where(keep, t, _f32(zero_code)))
-    code = bb.emit(relax.op.where(bb.emit(relax.op.logical_not(bb.emit(relax.op.isfinite(code)))), _f32(0.0), code))
-    code = bb.emit(relax.op.bitwise_and(bb.emit(relax.op.astype(code, "int32")), relax.const(np.int32(255))))
-    return bb.emit(relax.op.astype(code, "uint8"))
-
-
-def _dequant_half(bb, codes, scale, zero_code):
-    c = bb.emit(relax.op.astype(codes, "float32"))
-    half = bb.emit(relax.op.multiply(c, _f32(0.5)))
-    even = bb.emit(relax.op.multiply(bb.emit(relax.op.floor(half)), _f32(2.0)))
-    odd = bb.emit(relax.op.subtract(c, even))
-    mant = bb.emit(relax.op.add(bb.emit(relax.op.multiply(odd, _f32(MULT))), _f32(2.0**FRAC)))
-    mant = bb.emit(relax.op.multiply(mant, _f32(1.0 / 2**FRAC)))
-    power = bb.emit(relax.op.power(_f32(2.0), bb.emit(relax.op.negative(bb.emit(relax.op.ceil(half))))))
-    value = bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(mant, power)), _f32(scale)))
-    return bb.emit(relax.op.where(bb.emit(relax.op.equal(c, _f32(zero_code))), _f32(0.0), value))
 
 
 def _module(scores_shape, v_shape, p_scale, zero_code, v_scale=0.05, v_zp=120, producer="softmax"):
@@ -62,9 +29,9 @@ def _module(scores_shape, v_shape, p_scale, zero_code, v_scale=0.05, v_zp=120, p
     with bb.function("main", [sv, vv]):
         with bb.dataflow():
             probs = bb.emit(relax.op.nn.softmax(sv, axis=-1) if producer == "softmax" else relax.op.sigmoid(sv))
-            codes = _quantize_half(bb, probs, p_scale, zero_code)
-            p = _dequant_half(bb, codes, p_scale, zero_code)
-            v = bb.emit(relax.op.dequantize(vv, _f32(v_scale), relax.const(np.uint8(v_zp)), axis=-1,
+            codes = quantize_half(bb, probs, p_scale, zero_code)
+            p = dequant_half(bb, codes, p_scale, zero_code)
+            v = bb.emit(relax.op.dequantize(vv, f32(v_scale), relax.const(np.uint8(v_zp)), axis=-1,
                                             out_dtype="float32"))
             out = bb.emit_output(bb.emit(relax.op.matmul(p, v)))
         bb.emit_func_output(out)

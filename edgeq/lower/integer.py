@@ -2,7 +2,7 @@
 
 ``lower_integer(import_onnx(path), target)`` runs edgeq's Relax passes (:mod:`edgeq.lower.passes`) so that
 every quantized Linear, the patch-embedding conv and both attention matmuls are ``R.call_tir`` of scheduled
-integer kernels from :mod:`edgeq.lower.kernels`, with their integer weights, biases and requantization
+integer kernels from :mod:`edgeq.lower.kernels` (and a log2-quantized Softmax one kernel that writes the codes), with their integer weights, biases and requantization
 constants baked in as ``relax.const``. LayerNorm, Softmax, GELU, residual adds and the quantization of
 activations (float -> int8/uint8 codes) stay float between these integer islands. Each kernel call is bound to
 a var named after its edgeq layer (from the export's names, see :mod:`edgeq.lower.relax_import`).
@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from edgeq.lower.passes import FuseLog2AV, FuseQLinear, FuseQMatmul, RemoveDeadQDQ
+from edgeq.lower.passes import FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftmaxLog2Codes, RemoveDeadQDQ
 from edgeq.lower.passes._graph import KERNEL_LAYERS_ATTR, Graph, resolve_target
 from edgeq.lower.relax_import import module_json_attr
 
@@ -46,7 +46,8 @@ def lower_integer(mod: tvm.IRModule, target) -> tvm.IRModule:
     seq = tvm.transform.Sequential([
         FuseQLinear(tvm_target),
         FuseQMatmul(tvm_target),
-        FuseLog2AV(tvm_target),
+        FuseLog2AV(tvm_target),  # reads the quantize chain to bound the codes: before it is replaced
+        FuseSoftmaxLog2Codes(tvm_target),
         RemoveDeadQDQ(),
     ], name="edgeq.LowerInteger")
     return seq(mod)

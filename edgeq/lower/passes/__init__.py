@@ -4,6 +4,8 @@
   (int8 or packed int4 weights, int32 bias, fixed-point requantization when a quantize follows);
 * :class:`FuseQMatmul` (:mod:`.attention`) -- ``q @ k^T`` (any matmul of two quantized activations) -> ``qk``;
 * :class:`FuseLog2AV` (:mod:`.attention`) -- ``softmax @ v`` with log2 codes -> shift-based ``log2_av``;
+* :class:`FuseSoftmaxLog2Codes` (:mod:`.softmax_codes`) -- Softmax and the log2 quantize chain after it -> one
+  ``softmax_log2_codes`` kernel (codes without a probability tensor or a per-element log);
 * :class:`RemoveDeadQDQ` (:mod:`.cleanup`) -- drop the dead dequantize chains, refuse quantized ops left in float.
 
 :func:`edgeq.lower.integer.lower_integer` runs them in this order.
@@ -11,5 +13,6 @@
 from .attention import FuseLog2AV, FuseQMatmul
 from .cleanup import RemoveDeadQDQ
 from .qlinear import FuseQLinear
+from .softmax_codes import FuseSoftmaxLog2Codes
 
-__all__ = ["FuseLog2AV", "FuseQLinear", "FuseQMatmul", "RemoveDeadQDQ"]
+__all__ = ["FuseLog2AV", "FuseQLinear", "FuseQMatmul", "FuseSoftmaxLog2Codes", "RemoveDeadQDQ"]

@@ -51,7 +51,7 @@ from edgeq.lower.relax_import import matmul_key
 from ._graph import (BindingRewriter, Graph, cached_kernel, dtype_of, match_act_dequant, resolve_target,
                      rewrite_functions, shape_of)
 
-__all__ = ["FuseQMatmul", "FuseLog2AV", "Log2Codes", "match_log2_codes", "log2_table"]
+__all__ = ["FuseQMatmul", "FuseLog2AV", "Log2Codes", "match_log2_codes", "log2_table", "softmax_source", "evaluate_chain"]
 
 
 def _batched_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> Optional[tuple[int, int, int, int]]:
@@ -156,7 +156,7 @@ def _chain_leaves(graph: Graph, expr: relax.Expr) -> Optional[tuple[relax.Var, l
     return (leaf, seen) if leaf is not None else None
 
 
-def _evaluate(graph: Graph, expr: relax.Expr, leaf: relax.Var, codes: np.ndarray, memo: dict) -> np.ndarray:
+def evaluate_chain(graph: Graph, expr: relax.Expr, leaf: relax.Var, codes: np.ndarray, memo: dict) -> np.ndarray:
     if isinstance(expr, relax.Var) and expr.same_as(leaf):
         return codes
     const = graph.const_value(expr)
@@ -169,17 +169,17 @@ def _evaluate(graph: Graph, expr: relax.Expr, leaf: relax.Var, codes: np.ndarray
     call = graph.producer[expr]
     op = call.op.name[len("relax."):]
     if op in _VALUE_PRESERVING:  # element values unchanged; numpy broadcasting stands in for the shape
-        memo[expr] = _evaluate(graph, call.args[0], leaf, codes, memo)
+        memo[expr] = evaluate_chain(graph, call.args[0], leaf, codes, memo)
         return memo[expr]
     if op == "stack":  # ONNX Max/Min of two tensors imports as max(stack((a, b)), axis=0)
-        parts = np.broadcast_arrays(*[_evaluate(graph, a, leaf, codes, memo) for a in call.args[0].fields])
+        parts = np.broadcast_arrays(*[evaluate_chain(graph, a, leaf, codes, memo) for a in call.args[0].fields])
         memo[expr] = np.stack(parts, axis=int(call.attrs.axis))
         return memo[expr]
-    args = [_evaluate(graph, a, leaf, codes, memo) for a in call.args]
+    args = [evaluate_chain(graph, a, leaf, codes, memo) for a in call.args]
     f32 = lambda x: np.asarray(x, np.float32) if np.asarray(x).dtype.kind == "f" else np.asarray(x)  # noqa: E731
     if op == "astype":
         out = np.asarray(args[0]).astype(str(call.attrs.dtype))
-    elif op in ("max", "min"):  # only over a stack's new axis (checked by _softmax_source)
+    elif op in ("max", "min"):  # only over a stack's new axis (checked by softmax_source)
         fn = np.max if op == "max" else np.min
         out = fn(args[0], axis=tuple(int(a) for a in call.attrs.axis), keepdims=bool(call.attrs.keepdims))
     elif op in ("isfinite", "isnan"):
@@ -213,7 +213,7 @@ def log2_table(graph: Graph, expr: relax.Expr) -> Optional[tuple[relax.Var, np.n
     leaf, _ = found
     codes = np.arange(256, dtype=np.uint8)
     with np.errstate(all="ignore"):
-        table = np.broadcast_to(_evaluate(graph, expr, leaf, codes, {}), (256,)).astype(np.float32)
+        table = np.broadcast_to(evaluate_chain(graph, expr, leaf, codes, {}), (256,)).astype(np.float32)
     return leaf, table
 
 
@@ -274,7 +274,7 @@ _SOFTMAX_SUM_SLACK = 1e-3   # float32 softmax rows sum to 1 within a few ulps pe
 _LOG_SLACK = 1e-4
 
 
-def _softmax_source(graph: Graph, codes: relax.Var) -> Optional[relax.Var]:
+def softmax_source(graph: Graph, codes: relax.Var) -> Optional[relax.Var]:
     """The softmax output (over the last axis) that an elementwise chain turns into ``codes``, else None."""
     if graph.op_name(codes) != "astype":
         return None
@@ -329,7 +329,7 @@ def softmax_prob_sum(graph: Graph, codes: relax.Var, table: np.ndarray, scale: f
     Anything else (another producer, a reshape in between, a non-monotone chain) gives None: the caller then
     uses the general bound (every probability may be the largest).
     """
-    source = _softmax_source(graph, codes)
+    source = softmax_source(graph, codes)
     if source is None:
         return None
     steps = _GRID_STEPS_PER_OCTAVE * _GRID_OCTAVES
@@ -339,7 +339,7 @@ def softmax_prob_sum(graph: Graph, codes: relax.Var, table: np.ndarray, scale: f
     raised = (grid.astype(np.float64) * (1.0 + _LOG_SLACK)).astype(np.float32)
     try:
         with np.errstate(all="ignore"):
-            code = np.broadcast_to(_evaluate(graph, codes, source, raised, {}), grid.shape).astype(np.int64)
+            code = np.broadcast_to(evaluate_chain(graph, codes, source, raised, {}), grid.shape).astype(np.int64)
     except (ValueError, KeyError, TypeError):
         return None
     if code.min() < 0 or code.max() > 255:
