@@ -10,10 +10,11 @@ The headline is the deit_tiny MLP/QKV-sized linear layer ``x[197,192] @ w[768,19
 * torch float32 matmul;
 * onnxruntime ``MatMulInteger`` (uint8 x int8 -> int32, MLAS).
 
-and, for attention at deit_tiny size (H=3, T=197, D=64), edgeq ``q @ k^T`` and log2 ``p @ v`` against
-numpy/torch float32. Each round times every contender back to back (``--repeat`` calls each), the table
-shows the median and the minimum over rounds and the ratio to edgeq's median. Numbers on a shared or
-loaded machine are noisy: compare ratios from one run, not numbers across runs.
+and, for attention at deit_tiny size (H=3, T=197, D=64), edgeq ``q @ k^T`` and log2 ``p @ v`` (plain log2
+codes, and the log-sqrt(2) codes of a deit_tiny W8A8 model) against numpy/torch float32. Each round times
+every contender back to back (``--repeat`` calls each), the table shows the median and the minimum over
+rounds and the ratio to edgeq's median. Numbers on a shared or loaded machine are noisy: compare ratios
+from one run, not numbers across runs.
 """
 from __future__ import annotations
 
@@ -106,11 +107,18 @@ def main(argv=None) -> int:
         q = rng.integers(-128, 128, (h, t, d)).astype(np.int8)
         kk = rng.integers(-128, 128, (h, t, d)).astype(np.int8)
         codes = rng.integers(0, 16, (h, t, t)).astype(np.uint8)
+        # the call a deit_tiny W8A8 model makes: log-sqrt(2) codes (geometric, like softmax tails), uint8 v
+        sqrt2_av = dict(v_dtype="uint8", v_zp=137, base_shift=15, zero_code=255, odd_multiplier=53, frac_bits=7)
+        sqrt2_codes = np.minimum(rng.geometric(0.05, (h, t, t)) - 1, 255).astype(np.uint8)
+        v_u8 = rng.integers(0, 256, (h, t, d)).astype(np.uint8)
         att: dict[str, object] = {}
         for label, kern, inputs, expect in (
             ("edgeq q@k^T int8->int32", qk_kernel(h, t, t, d, target), [q, kk], ref.qmatmul_qk(q, kk)),
             ("edgeq log2 p@v (shifts)", log2_av_kernel(h, t, t, d, target, zero_code=15), [codes, kk],
              ref.log2_av(codes, kk, 0, 15, 15)),
+            ("edgeq log-sqrt2 p@v (deit W8A8)", log2_av_kernel(h, t, t, d, target, **sqrt2_av), [sqrt2_codes, v_u8],
+             ref.log2_av(sqrt2_codes, v_u8, sqrt2_av["v_zp"], sqrt2_av["base_shift"], sqrt2_av["zero_code"],
+                         sqrt2_av["odd_multiplier"], sqrt2_av["frac_bits"])),
         ):
             hk = HostKernel(kern.func, kern.name, target)
             targs = hk.prepare(inputs, kern.out_shape, kern.out_dtype)

@@ -127,6 +127,29 @@ def test_log2_av_sqrt2_codes(family, shape):
         np.testing.assert_array_equal(out, ref.log2_av(p, v, v_zp, base_shift, zero_code, 53, 7))
 
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_log2_av_chunk_tails_and_extremes(family):
+    """Shapes whose S, T, D leave tails of every tile (S chunks, row tasks, D vector chunks), at the largest
+    shifts, with no zero codes and with every code zero, for log2 and log-sqrt(2) codes."""
+    rng = np.random.default_rng(9)
+    h, t, s, d = 2, 21, 75, 70
+    cases = [(dict(zero_code=256, base_shift=ref.MAX_BASE_SHIFT), rng.integers(0, 40, (h, t, s))),
+             (dict(zero_code=0, base_shift=3), rng.integers(0, 256, (h, t, s))),
+             (dict(zero_code=200, base_shift=21, odd_multiplier=53, frac_bits=7),
+              np.minimum(rng.geometric(0.03, (h, t, s)) - 1, 255)),
+             (dict(zero_code=256, base_shift=16, odd_multiplier=1, frac_bits=16), rng.integers(0, 256, (h, t, s)))]
+    for i, (kw, codes) in enumerate(cases):
+        v_dtype, v_zp = ("uint8", 255) if i % 2 else ("int8", -128)  # the widest centered range
+        for tiles in ({}, dict(rows=4, s_chunk=16, d_vectors=3)):
+            kern = log2_av_kernel(h, t, s, d, TARGET, v_dtype=v_dtype, v_zp=v_zp, family=family, **kw, **tiles)
+            p = codes.astype(np.uint8)
+            v = rand(rng, v_dtype, (h, s, d))
+            out = HostKernel(kern.func, kern.name, TARGET)(p, v, out_shape=(h, t, d), out_dtype="int32")
+            expect = ref.log2_av(p, v, v_zp, kw["base_shift"], kw["zero_code"], kw.get("odd_multiplier"),
+                                 kw.get("frac_bits", 0))
+            np.testing.assert_array_equal(out, expect)
+
 def test_host_family_and_instructions():
     """On an AVX2 host int8 weights use vpmaddwd (exact), int4 weights vpmaddubsw (exact for int4)."""
     if HOST_FAMILY != "x86_avx2":

@@ -124,6 +124,26 @@ def test_aarch64_attention_bit_exact_under_qemu(target):
     np.testing.assert_array_equal(out, ref.log2_av(p, v, 131, 21, 255, 53, 7))
 
 
+@needs_qemu
+def test_aarch64_log2_av_tails_and_rounding_shift_under_qemu():
+    """NEON's sshl/srshl path with tails of every tile, the largest shifts and zero codes, bit for bit."""
+    rng = np.random.default_rng(12)
+    h, t, s, d = 2, 19, 45, 13      # 16-row tasks + 3, one 40-code chunk + 5, 13 of 16 lanes
+    log2 = dict(v_dtype="int8", v_zp=-128, base_shift=ref.MAX_BASE_SHIFT, zero_code=30)
+    sqrt2 = dict(v_dtype="uint8", v_zp=255, base_shift=21, zero_code=200, odd_multiplier=53, frac_bits=7)
+    for kw, codes, op in ((log2, rng.integers(0, 40, (h, t, s)), "sshl"),
+                          (sqrt2, np.minimum(rng.geometric(0.03, (h, t, s)) - 1, 255), "srshl")):
+        kern = log2_av_kernel(h, t, s, d, A72, **kw)
+        lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=tvm.target.Target(A72))
+        assert count(lib.mod.inspect_source("asm"), op) >= 4
+        p = codes.astype(np.uint8)
+        info = np.iinfo(kw["v_dtype"])
+        v = rng.integers(info.min, info.max + 1, (h, s, d)).astype(kw["v_dtype"])
+        out = run_aarch64(kern.func, kern.name, A72, [p, v], (h, t, d), "int32")
+        expect = ref.log2_av(p, v, kw["v_zp"], kw["base_shift"], kw["zero_code"], kw.get("odd_multiplier"),
+                             kw.get("frac_bits", 0))
+        np.testing.assert_array_equal(out, expect)
+
 @pytest.mark.parametrize("make", [
     lambda t: qlinear_kernel(197, 192, 768, t),
     lambda t: qlinear_kernel(7, 13, 5, t, x_dtype="uint8", w_bits=4, out_dtype="int32"),

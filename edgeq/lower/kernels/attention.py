@@ -13,8 +13,9 @@ points enter as row/column-sum corrections, so the inner loop multiplies raw int
 ``log2_av_kernel`` PrimFunc: ``f(p_code[H,T,S] uint8, v[H,S,D], out[H,T,D] int32)``: ``v`` is turned into
 ``(v - v_zp) << base_shift`` once (for log-sqrt(2) codes also ``(v - v_zp) * (2**F + M) << (base_shift - F)``,
 picked by the code's parity), then every probability is an arithmetic right shift of a whole ``D``-vector
-(``vpsrad``/``sshl`` with one shift amount per (t, s), plus a rounding constant), masked out for zero codes.
-No multiply in the loop over ``S``.
+(``vpsravd``/``srshl`` with one shift amount per (t, s), plus a rounding constant on x86) read from
+per-code tables. Zero codes read a row of zeros or shift to exactly 0: no mask, no multiply and no branch
+in the loop over ``S``, which walks ``S`` in chunks whose rows of ``v`` stay in L1.
 """
 from __future__ import annotations
 
@@ -225,11 +226,15 @@ def _schedule_qk_gpu(func: tirx.PrimFunc, micro: Microkernel) -> tirx.PrimFunc:
 def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "int8", v_zp: int = 0,
                    base_shift: int = 15, zero_code: int = 255, family: str | None = None,
                    name: str | None = None, rows: int | None = None, d_vectors: int | None = None,
-                   odd_multiplier: int | None = None, frac_bits: int = 0) -> AttentionKernel:
+                   odd_multiplier: int | None = None, frac_bits: int = 0,
+                   s_chunk: int | None = None) -> AttentionKernel:
     """Scheduled PrimFunc for ``p_code[H,T,S] uint8, v[H,S,D] -> int32 [H,T,D]`` (shifts, no multiplies).
 
-    CPU schedule: ``rows`` output rows x ``d_vectors`` int32 vectors of accumulators stay in registers while
-    the loop over ``S`` broadcasts each code's shift amount and zero mask over whole vectors of ``v``.
+    CPU schedule: tasks of ``rows`` output rows (default 16); ``d_vectors`` int32 vectors of accumulators
+    (default: all of ``D`` in equal chunks of at most 8 AVX2 / 16 NEON registers) stay in registers while
+    the loop over a chunk of ``s_chunk`` codes (default near 32, short tail) adds one shifted row of
+    prepared ``v`` per code; that chunk's rows stay in L1 for all the task's rows (see
+    :func:`_log2_av_vector_func`).
     ``odd_multiplier``/``frac_bits``: read the codes as log-sqrt(2) codes (``2**-ceil(c/2)``, odd codes times
     ``(2**F + M) / 2**F``, needs ``base_shift >= frac_bits``), as :func:`reference.log2_av` does with them.
     """
@@ -252,16 +257,27 @@ def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "in
         func = _schedule_av_gpu(_log2_av_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, sqrt2))
     else:
         vl = {"x86_avx2": 8, "arm_neon": 4, "arm_dotprod": 4}.get(micro.family, 8)
-        many_registers = micro.family in ("arm_neon", "arm_dotprod")  # 32 vector registers
-        rows = rows or 2
-        d_vectors = d_vectors or (8 if many_registers else 4)
-        func = _log2_av_vector_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, vl, rows, sqrt2)
-        func = _schedule_av_vector(func, rows, d_vectors)
+        # accumulator vectors in registers: 8 of AVX2's 16 ymm, 16 of NEON's 32 q (the rest: temporaries)
+        budget = 16 if micro.family in ("arm_neon", "arm_dotprod") else 8
+        dv = ceil_div(d, vl)
+        d_vectors = d_vectors or ceil_div(dv, ceil_div(dv, budget))   # equal chunks of D, none over budget
+        rows = min(rows or 16, t)
+        s_chunk = min(s_chunk or _default_s_chunk(s), s)
+        func = _log2_av_vector_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, vl, sqrt2,
+                                    d_vectors, s_chunk, neon=micro.family in ("arm_neon", "arm_dotprod"))
+        func = _schedule_av_vector(func, rows, d_vectors, s_chunk)
     mode = "" if sqrt2 is None else f"_M{sqrt2[0]}F{sqrt2[1]}"
     name = name or (f"edgeq_log2av_{micro.family}_h{h}t{t}s{s}d{d}_{v_dtype}z{v_zp}_S{base_shift}_zc{zero_code}{mode}"
                     .replace("-", "m"))
     func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
     return AttentionKernel(func, name, ((h, t, s), (h, s, d)), ("uint8", v_dtype), (h, t, d), "int32", micro)
+
+
+def _default_s_chunk(s: int) -> int:
+    """A chunk of ``S`` near 32 (its prepared rows of ``v`` fit L1 twice over) leaving the shortest tail."""
+    if s <= 40:
+        return s
+    return min(range(40, 23, -1), key=lambda c: s % c)
 
 
 def _code_form_and_shift(code, sqrt2):
@@ -291,42 +307,98 @@ def _prepared_v(V, D, v_dtype, v_zp, base_shift, sqrt2, vh, vf, vs, vd):
     return tirx.if_then_else(vd < D, val, 0)
 
 
-def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, rows, sqrt2=None) -> tirx.PrimFunc:
-    """Vector-granular log2 ``p @ v``: one block step adds ``vl`` lanes of one (t, s) term."""
-    Tp = ceil_div(TQ, rows) * rows
-    DV = ceil_div(D, vl)
-    Dp = DV * vl
-    NF = 1 if sqrt2 is None else 2
+def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, sqrt2=None,
+                         d_vectors=1, s_chunk=1, neon=False) -> tirx.PrimFunc:
+    """Vector-granular log2 ``p @ v``: one block step adds ``vl`` lanes of one (t, s) term.
 
-    def step(acc, Pc, VS, vh, vt, vs, vj):
-        code = tirx.Cast("int32", Pc[vh, tirx.min(vt, TQ - 1), vs])
-        form, shift, rnd = _code_form_and_shift(code, sqrt2)
-        amount = tirx.Broadcast(shift, vl)
-        mask = tirx.Broadcast(tirx.Cast("int32", code < zero_code) * -1, vl)
-        vec = VS[vh, form, vs, tirx.Ramp(vj * vl, 1, vl)]
-        if rnd is not None:
-            vec = vec + tirx.Broadcast(rnd, vl)
-        return acc + tirx.bitwise_and(tirx.shift_right(vec, amount), mask)
+    ``VS[h]`` holds the prepared forms of ``v`` flat, row ``form * S + s`` at element ``(form * S + s) * Dp``
+    (``Dp``: ``D`` padded to whole ``d_vectors`` chunks), plus a row of zeros after them for log2 codes. Per
+    (t, s) the loop does only integer work on the code (its row offset) and loads two 256-entry tables:
+    ``LA`` the code's shift amount as a whole vector (``vpsravd`` reads it as is) and ``LN`` its rounding
+    constant; per vector it adds the rounding constant to the loaded row, shifts and accumulates. No mask:
+
+    * log2 codes: a zero code's row is the zero row (a ``cmov``, not a branch: LLVM turned a select with a
+      table load in one arm into a mispredicted branch per term);
+    * log-sqrt(2) codes: a zero code shifts by 31 with rounding ``2**30``, exactly 0 since
+      :func:`reference.check_log2_sqrt2` keeps every prepared value below ``2**30`` in magnitude.
+
+    ``neon``: ``LA`` holds minus the amount for NEON's ``srshl`` (rounding shift: the same half-up rounding
+    without a rounding add or overflow) or ``sshl`` (log2 codes). ``S`` is walked in whole ``s_chunk`` steps
+    and the accumulator starts at the sum of the terms past them, so the loop carries no predicate (one
+    would keep the accumulators out of registers).
+    """
+    Dp = ceil_div(ceil_div(D, vl), d_vectors) * d_vectors * vl
+    DV = Dp // vl
+    NF = 1 if sqrt2 is None else 2
+    NROWS = NF * S + (1 if sqrt2 is None else 0)
+    NR = NROWS * Dp
+    ZOFF = NF * S * Dp                  # the zero row (log2 codes)
+    S_main = S // s_chunk * s_chunk
+
+    def prepared(V, vh, vr, vd):
+        form, vs = tirx.floordiv(vr, S), tirx.floormod(vr, S)
+        return tirx.if_then_else(vr < NF * S, _prepared_v(V, D, v_dtype, v_zp, base_shift, sqrt2, vh, form, vs, vd), 0)
+
+    def amount_and_rounding(code):
+        """(shift amount, rounding constant) of a code value, zero codes included (see above)."""
+        _, amount, rnd = _code_form_and_shift(code, sqrt2)
+        if sqrt2 is None:
+            return amount, tirx.const(0, "int32")
+        live = code < zero_code
+        return tirx.if_then_else(live, amount, 31), tirx.if_then_else(live, rnd, 1 << 30)
+
+    def step(acc, Pc, VS, LA, LN, vh, vt, vs, vj):
+        code = tirx.Cast("int32", Pc[vh, vt, vs])
+        if sqrt2 is None:
+            offset = tirx.Select(code < zero_code, vs * Dp, ZOFF)
+        else:  # form (code & 1) without a table load: the loop is bound by its loads
+            offset = tirx.bitwise_and(-tirx.bitwise_and(code, 1), S * Dp) + vs * Dp
+        vec = VS[vh, tirx.Ramp(offset + vj * vl, 1, vl)]
+        amount = LA[code, tirx.Ramp(0, 1, vl)]
+        if neon:
+            intrin = "llvm.aarch64.neon.sshl.v4i32" if sqrt2 is None else "llvm.aarch64.neon.srshl.v4i32"
+            return acc + tirx.call_llvm_pure_intrin(f"int32x{vl}", intrin, vec, amount)
+        if sqrt2 is not None:
+            vec = vec + tirx.Broadcast(LN[code], vl)
+        return acc + tirx.shift_right(vec, amount)
+
+    def tail_sum(Pc, VS, LA, LN, vh, vt, vj):
+        """The terms past the last whole chunk of ``S``: the accumulator's start."""
+        acc = tirx.Broadcast(tirx.const(0, "int32"), vl)
+        for k in range(S_main, S):
+            acc = step(acc, Pc, VS, LA, LN, vh, vt, tirx.const(k, "int32"), vj)
+        return acc
 
     @T.prim_func(s_tir=True)
     def func(Pc: T.Buffer((H, TQ, S), "uint8"), V: T.Buffer((H, S, D), v_dtype), O: T.Buffer((H, TQ, D), "int32")):
         T.func_attr({"tirx.noalias": True})
-        VS = T.sblock_alloc_buffer((H, NF, S, Dp), "int32")
-        C = T.sblock_alloc_buffer((H, Tp, Dp), "int32")
-        for hh, ff, ss, dd in T.grid(H, NF, S, Dp):
+        VS = T.sblock_alloc_buffer((H, NR), "int32")
+        LA = T.sblock_alloc_buffer((256, vl), "int32")
+        LN = T.sblock_alloc_buffer((256,), "int32")
+        C = T.sblock_alloc_buffer((H, TQ, Dp), "int32")
+        for hh, rr, dd in T.grid(H, NROWS, Dp):
             with T.sblock("VS"):
-                vh, vf, vs, vd = T.axis.remap("SSSS", [hh, ff, ss, dd])
-                T.reads(V[vh, vs, 0:D])
-                T.writes(VS[vh, vf, vs, vd])
-                VS[vh, vf, vs, vd] = _prepared_v(V, D, v_dtype, v_zp, base_shift, sqrt2, vh, vf, vs, vd)
-        for hh, tt, j, ss in T.grid(H, Tp, DV, S):
+                vh, vr, vd = T.axis.remap("SSS", [hh, rr, dd])
+                T.reads(V[vh, 0:S, 0:D])
+                T.writes(VS[vh, vr * Dp + vd])
+                VS[vh, vr * Dp + vd] = prepared(V, vh, vr, vd)
+        for cc, ll in T.grid(256, vl):
+            with T.sblock("LA"):
+                vc, vll = T.axis.remap("SS", [cc, ll])
+                LA[vc, vll] = -amount_and_rounding(vc)[0] if neon else amount_and_rounding(vc)[0]
+        for cc in range(256):
+            with T.sblock("LN"):
+                vc = T.axis.spatial(256, cc)
+                LN[vc] = amount_and_rounding(vc)[1]
+        for hh, tt, j, ss in T.grid(H, TQ, DV, S_main):
             with T.sblock("C"):
                 vh, vt, vj, vs = T.axis.remap("SSSR", [hh, tt, j, ss])
-                T.reads(Pc[vh, 0:TQ, vs], VS[vh, 0:NF, vs, vj * vl: vj * vl + vl])
+                T.reads(Pc[vh, vt, 0:S], LA[0:256, 0:vl], LN[0:256], VS[vh, 0:NR])
                 T.writes(C[vh, vt, vj * vl: vj * vl + vl])
                 with T.init():
-                    C[vh, vt, T.ramp(vj * vl, 1, vl)] = T.broadcast(T.int32(0), vl)
-                C[vh, vt, T.ramp(vj * vl, 1, vl)] = step(C[vh, vt, T.ramp(vj * vl, 1, vl)], Pc, VS, vh, vt, vs, vj)
+                    C[vh, vt, T.ramp(vj * vl, 1, vl)] = tail_sum(Pc, VS, LA, LN, vh, vt, vj)
+                C[vh, vt, T.ramp(vj * vl, 1, vl)] = step(C[vh, vt, T.ramp(vj * vl, 1, vl)], Pc, VS, LA, LN,
+                                                         vh, vt, vs, vj)
         for hh, tt, dd in T.grid(H, TQ, D):
             with T.sblock("O"):
                 vh, vt, vd = T.axis.remap("SSS", [hh, tt, dd])
@@ -335,21 +407,23 @@ def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, 
     return func
 
 
-def _schedule_av_vector(func: tirx.PrimFunc, rows: int, d_vectors: int) -> tirx.PrimFunc:
+def _schedule_av_vector(func: tirx.PrimFunc, rows: int, d_vectors: int, s_chunk: int) -> tirx.PrimFunc:
+    """Tasks of ``rows`` output rows; each walks ``S`` in chunks of ``s_chunk`` so that chunk's prepared rows
+    of ``v`` stay in L1 across the task's rows (a whole row of ``VS`` per term streams from L2 otherwise),
+    with ``d_vectors`` accumulator vectors in registers over the chunk."""
     sch = Schedule(func)
     blocks = root_blocks(sch)
     b_vs, b_c, b_o = blocks["VS"], blocks["C"], blocks["O"]
     hh, tt, j, ss = sch.get_loops(b_c)
     t_o, t_i = sch.split(tt, [None, rows])
-    dv = int(sch.get(j).extent)
-    j_o, j_i = sch.split(j, [None, min(d_vectors, dv)])
-    sch.reorder(hh, t_o, j_o, ss, t_i, j_i)
+    j_o, j_i = sch.split(j, [None, d_vectors])
+    s_o, s_i = sch.split(ss, [None, s_chunk])
+    sch.reorder(hh, t_o, j_o, s_o, t_i, s_i, j_i)
     task = sch.fuse(hh, t_o)
     parallel(sch, task)
     sch.set_scope(b_c, 0, "local")
     sch.reverse_compute_at(b_o, j_o)
-    sch.decompose_reduction(b_c, ss)
-    sch.unroll(t_i)
+    sch.decompose_reduction(b_c, s_o)
     sch.unroll(j_i)
     vectorize(sch, sch.get_loops(b_o)[-1])
     vs_loops = sch.get_loops(b_vs)
