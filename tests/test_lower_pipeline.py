@@ -188,3 +188,39 @@ def test_interleaved_row_reductions_give_the_serial_bits():
     reductions = [s for s in scripts if "_update" in s]
     assert len(reductions) >= 2  # layer norm's sums and softmax's max / exp sum were interleaved
     assert all("T.vectorized(T.int64(5))" in s for s in reductions)
+
+
+def test_rows_that_do_not_group_reduce_in_lanes():
+    """197 rows (prime: no row interleave) of LayerNorm: each row's sums run as 8 vectorized partial chains added
+    in lane order (rfactor), matching the float64 result; rows of 20 (not whole lane groups) stay serial."""
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    from edgeq.lower.pipeline import EXACT_FP_TIR_PIPELINE
+
+    def norm_module(hidden):
+        @I.ir_module
+        class Norm:
+            @R.function
+            def main(x: R.Tensor((1, 197, hidden), "float32"), g: R.Tensor((hidden,), "float32"),
+                     b: R.Tensor((hidden,), "float32")) -> R.Tensor((1, 197, hidden), "float32"):
+                with R.dataflow():
+                    y = R.nn.layer_norm(x, g, b, axes=[-1])
+                    R.output(y)
+                return y
+        return Norm
+
+    rng = np.random.default_rng(1)
+    for hidden, lanes in ((48, True), (20, False)):
+        legal = relax.transform.LegalizeOps()(norm_module(hidden))
+        func = next(f for f in legal.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+        scheduled = schedule_cpu_primfunc(func, max_threads=2)
+        assert ("_rf" in scheduled.script()) == lanes
+        x, g, b = (rng.standard_normal(s).astype(np.float32) * 3 for s in ((1, 197, hidden), (hidden,), (hidden,)))
+        lib = tvm.compile(tvm.IRModule({"f": scheduled.with_attr("global_symbol", "f")}), target=host_target(2),
+                          tir_pipeline=EXACT_FP_TIR_PIPELINE)
+        out = tvm.runtime.tensor(np.zeros(x.shape, "float32"))
+        lib.mod["f"](*[tvm.runtime.tensor(a) for a in (x, g, b)], out)
+        x64 = x.astype(np.float64)
+        want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * g + b
+        np.testing.assert_allclose(out.numpy(), want, rtol=2e-5, atol=2e-5)

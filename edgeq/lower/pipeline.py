@@ -9,7 +9,8 @@
 3. with ``tuning_db``, PrimFuncs that MetaSchedule tuned (:mod:`edgeq.tune`) take their tuned schedule;
 4. :func:`schedule_cpu_primfunc` schedules each PrimFunc that is still unscheduled: injective producers are
    inlined; a reduction block (LayerNorm's sums, Softmax's max and exp sum) reduces a few rows side by side,
-   vectorized across rows, each row still in its serial order; in every other block the outer (row) loops are
+   vectorized across rows, each row still in its serial order -- or, when the rows do not group (197 tokens),
+   each row in 8 vectorized partial sums added in lane order; in every other block the outer (row) loops are
    fused into one parallel loop and the innermost spatial loop is vectorized;
 5. TVM's dataflow lowering and finalization passes, then ``tvm.compile`` with the TIR pipeline
    ``edgeq_exact_fp`` (TVM's ``s_tir`` pipeline plus :func:`fence_float_products`).
@@ -171,6 +172,43 @@ def _interleave_rows(sch: Schedule, block, max_threads: int) -> bool:
     return True
 
 
+def _reduce_in_lanes(sch: Schedule, block, max_threads: int) -> bool:
+    """Reduce each row in :data:`_VECTOR_LANES` interleaved partial sums, then add the partials in lane order.
+
+    For rows that :func:`_interleave_rows` cannot group (a prime row count, e.g. 197 tokens): the innermost
+    reduction loop is split into ``(k_outer, lane)`` and ``rfactor`` gives a block of per-lane partials, each a
+    serial chain over ``k_outer`` and vectorized across lanes; the row's result adds the partials lane 0 to 7.
+    The order is fixed in the TIR (not left to a vectorizer), so every target computes the same bits, but it is
+    a different order than a plain serial sum. False when the innermost reduction is not a whole number of
+    lane groups or too short.
+    """
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(stmt.iter_vars) or _is_spatial_block(sch, block):
+        return False
+    spatial = _leading_spatial_loops(sch, block)
+    reduce = loops[len(spatial):]
+    if not spatial or len(reduce) != 1 or stmt.iter_vars[-1].iter_type != tirx.IterVar.CommReduce:
+        return False
+    extent = int(sch.get(reduce[0]).extent)
+    if extent % _VECTOR_LANES or extent < 2 * _VECTOR_LANES:
+        return False
+    _, lane = sch.split(reduce[0], [None, _VECTOR_LANES])
+    partial = sch.rfactor(lane, factor_axis=len(spatial))
+    rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    if int(sch.get(rows).extent) > 1 and max_threads > 1:
+        sch.parallel(rows)
+    # the partial block's loops: the row loops it shares with the block, then k_outer, then the lane loop
+    p_loops = sch.get_loops(partial)
+    p_rows = p_loops[:-2]
+    p_fused = sch.fuse(*p_rows) if len(p_rows) > 1 else p_rows[0]
+    if int(sch.get(p_fused).extent) > 1 and max_threads > 1:
+        sch.parallel(p_fused)
+    sch.vectorize(p_loops[-1])
+    sch.decompose_reduction(partial, p_loops[-2])
+    return True
+
+
 def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.PrimFunc:
     """A parallel, vectorized schedule of a legalized PrimFunc (returned unchanged when it does not apply)."""
     try:
@@ -179,13 +217,15 @@ def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.Pri
             return func
         _inline_injective(sch)
         for block in sch.get_child_blocks(sch.get_sblock("root")):
-            trial = sch.copy()
-            try:
-                interleaved = _interleave_rows(trial, block, max_threads)
-            except (RuntimeError, ValueError):  # a primitive refused: schedule the block the plain way
-                interleaved = False
-            if interleaved:
-                sch = trial
+            for reduction_schedule in (_interleave_rows, _reduce_in_lanes):
+                trial = sch.copy()
+                try:
+                    scheduled = reduction_schedule(trial, block, max_threads)
+                except (RuntimeError, ValueError):  # a primitive refused: try the next way
+                    scheduled = False
+                if scheduled:
+                    sch = trial
+                    break
             else:
                 _parallel_vectorize(sch, block, max_threads)
         return sch.mod["main"]
