@@ -120,3 +120,9 @@ def test_pass_leaves_other_quantizers_of_a_softmax_alone():
     fused = FuseSoftmaxLog2Codes(TARGET)(mod)
     assert "nn.softmax" in _ops(fused)
     assert not any(gv.name_hint.startswith("edgeq_softmaxcodes") for gv in fused.get_global_vars())
+
+
+def test_pass_leaves_gpu_targets_alone():
+    mod = _softmax_codes_module((1, 2, 5, 16), 0.75, 255)
+    fused = FuseSoftmaxLog2Codes({"kind": "cuda", "arch": "sm_87"})(mod)
+    assert "nn.softmax" in _ops(fused)
