@@ -193,3 +193,19 @@ def test_requantize_kernel(shape, per_channel, out_dtype, out_zp):
     out = HostKernel(func, name, TARGET)(acc.reshape(rows, shape[-1]), rq, out_shape=(rows, shape[-1]),
                                          out_dtype=out_dtype)
     np.testing.assert_array_equal(out.reshape(shape), ref.requantize(acc, mult, shift, out_zp, 8, out_dtype))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(2, 7, 37, 13), (1, 5, 21, 8), (1, 3, 17, 2)])
+def test_qk_shifted_last_panel(family, shape):
+    """S >= nb and not a multiple of it: the last key panel is shifted to end at S (overlapping the one
+    before it); odd D keeps the k padding in the same panels."""
+    rng = np.random.default_rng(11)
+    h, t, s, d = shape
+    for q_dtype, k_dtype, q_zp, k_zp in (("int8", "int8", 0, 0), ("uint8", "uint8", 131, 120)):
+        kern = qk_kernel(h, t, s, d, TARGET, q_dtype=q_dtype, k_dtype=k_dtype, q_zp=q_zp, k_zp=k_zp, family=family)
+        assert s > kern.micro.nb and s % kern.micro.nb
+        q = rand(rng, q_dtype, (h, t, d))
+        k = rand(rng, k_dtype, (h, s, d))
+        out = HostKernel(kern.func, kern.name, TARGET)(q, k, out_shape=(h, t, s), out_dtype="int32")
+        np.testing.assert_array_equal(out, ref.qmatmul_qk(q, k, q_zp, k_zp))

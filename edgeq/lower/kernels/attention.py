@@ -3,8 +3,11 @@
 Semantics: :func:`edgeq.lower.kernels.reference.qmatmul_qk` and :func:`~.reference.log2_av`, bit for bit.
 
 ``qk_kernel`` PrimFunc: ``f(q[H,T,D], k[H,S,D], out[H,T,S] int32)``. It reuses the GEMM micro-kernels of
-:mod:`.micro`: ``k`` is packed into weight-like panels at run time (one ``nb x D`` panel per task), zero
-points enter as row/column-sum corrections, so the inner loop multiplies raw int8 values::
+:mod:`.micro`: ``k`` is packed into weight-like panels at run time (one ``nb x D`` panel per task; with
+``S >= nb`` the last panel is shifted to end at ``S`` so every panel is full). With int16 lanes (x86_avx2)
+the packed values are ``q - q_zp`` and ``k - k_zp`` themselves (|v| <= 255, exact in vpmaddwd); with int8
+lanes (NEON, CUDA) zero points enter as row/column-sum corrections, so the inner loop multiplies raw int8
+values::
 
     sum_d (q - qz)(k - kz) = sum_d q'k' - kz' * sum_d q' - qz' * sum_d k' + D qz' kz'
 
@@ -82,31 +85,65 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
     J = nb // vl
     LV = vl * kg
     a_dtype, lane_dtype = micro.a_dtype, micro.lane_dtype
-    corrected = qz != 0 or kz != 0
+    # int16 lanes (x86_avx2) hold q - q_zp and k - k_zp exactly (|v| <= 255; vpmaddwd pair sums stay far
+    # below 2**31): the zero points go into the packed values, no row/column-sum corrections needed
+    fold = lane_dtype == "int16" and micro.lane_bits == 16
+    q_sub, k_sub = (qz, kz) if fold else (0, 0)
+    corrected = (qz != 0 or kz != 0) and not fold
     const_term = D * qz * kz
+    # With S >= nb the last panel is shifted left to end at column S (it recomputes a few columns of the
+    # panel before it): every panel is full, so the copy-out is unpredicated vector stores. A partial
+    # last panel made it element by element (~25% of the kernel's time at deit_tiny's S=197).
+    overlap = S % nb != 0 and S >= nb
 
-    def a_value(Q, vh, vm, vg):
+    def col0(vb):
+        """First key column of panel ``vb``."""
+        return tirx.min(vb * nb, S - nb) if overlap else vb * nb
+
+    # x86_avx2 packs k like q: one int32 (k[d], k[d+1]) pair per key row ("KP", contiguous, cheap), then
+    # builds each panel from whole pairs (16 dword loads per group instead of 32 byte gathers); the
+    # micro-kernel reads a panel row of pairs as its int16 lanes
+    pairs = fold and kg == 2 and micro.a_dtype == "int32"
+    p_shape = (H, NBLK, KG, nb) if pairs else (H, NBLK, KG, LW)
+    p_dtype = "int32" if pairs else lane_dtype
+    PV = vl if pairs else LV  # panel elements read by one step
+
+    def group_value(X, rows, dtype, sub, vh, vm, vg):
         vals = []
         for tt in range(kg):
             kk = vg * kg + tt
-            load = Q[vh, tirx.min(vm, TQ - 1), tirx.min(kk, D - 1)]
-            vals.append(tirx.if_then_else(tirx.all(vm < TQ, kk < D), signed_value(load, q_dtype), 0))
+            load = X[vh, tirx.min(vm, rows - 1), tirx.min(kk, D - 1)]
+            vals.append(tirx.if_then_else(tirx.all(vm < rows, kk < D), signed_value(load, dtype) - sub, 0))
         return pack_group(vals, micro)
 
+    def a_value(Q, vh, vm, vg):
+        return group_value(Q, TQ, q_dtype, q_sub, vh, vm, vg)
+
+    def pair_panel_value(KP, vh, vb, vg, vn):
+        row = col0(vb) + vn
+        if overlap:
+            return KP[vh, row, vg]
+        return tirx.if_then_else(row < S, KP[vh, tirx.min(row, S - 1), vg], 0)
+
     def panel_value(K, vh, vb, vg, vl_):
-        row = vb * nb + tirx.floordiv(vl_, kg)
+        row = col0(vb) + tirx.floordiv(vl_, kg)
         col = vg * kg + tirx.floormod(vl_, kg)
+        if overlap and D % kg == 0:  # every lane is inside k: no padding, no clamped indices
+            return tirx.Cast(lane_dtype, signed_value(K[vh, row, col], k_dtype) - k_sub)
         load = K[vh, tirx.min(row, S - 1), tirx.min(col, D - 1)]
-        return tirx.Cast(lane_dtype, tirx.if_then_else(tirx.all(row < S, col < D), signed_value(load, k_dtype), 0))
+        return tirx.Cast(lane_dtype, tirx.if_then_else(tirx.all(row < S, col < D),
+                                                       signed_value(load, k_dtype) - k_sub, 0))
 
     def step(acc, a, w):
+        if pairs:
+            w = tirx.reinterpret(f"{lane_dtype}x{LV}", w)
         return step_expr(micro, acc, a, w)
 
     def init_value(RQ, RK, vh, vm, vb, vj):
         """Accumulator start: 0, or the zero-point corrections (so the epilogue is a plain copy)."""
         if not corrected:
             return tirx.Broadcast(tirx.const(0, "int32"), vl) if vl > 1 else tirx.const(0, "int32")
-        rk = RK[vh, lanes(vb * nb + vj * vl, vl)]
+        rk = RK[vh, lanes(col0(vb) + vj * vl, vl)]
         rq = tirx.Broadcast(RQ[vh, vm], vl) if vl > 1 else RQ[vh, vm]
         c = tirx.Broadcast(tirx.const(const_term, "int32"), vl) if vl > 1 else tirx.const(const_term, "int32")
         return c - rq * kz - rk * qz
@@ -118,7 +155,8 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
     def func(Q: T.Buffer((H, TQ, D), q_dtype), K: T.Buffer((H, S, D), k_dtype), O: T.Buffer((H, TQ, S), "int32")):
         T.func_attr({"tirx.noalias": True})
         A = T.sblock_alloc_buffer((H, Tp, KG), a_dtype)
-        P = T.sblock_alloc_buffer((H, NBLK, KG, LW), lane_dtype)
+        P = T.sblock_alloc_buffer(p_shape, p_dtype)
+        KP = T.sblock_alloc_buffer((H, S, KG) if pairs else (1, 1, 1), "int32")
         C = T.sblock_alloc_buffer((H, Tp, NBLK, nb), "int32")
         RQ = T.sblock_alloc_buffer((H, Tp), "int32")
         RK = T.sblock_alloc_buffer((H, NBLK * nb), "int32")
@@ -145,26 +183,44 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
                     with T.init():
                         RK[vh, vj] = 0
                     RK[vh, vj] = RK[vh, vj] + row_value(K, k_dtype, S, vh, vj, vd)
-        for hh, b, g, l in T.grid(H, NBLK, KG, LW):
-            with T.sblock("P"):
-                vh, vb, vg, vl_ = T.axis.remap("SSSS", [hh, b, g, l])
-                T.reads(K[vh, 0:S, 0:D])
-                T.writes(P[vh, vb, vg, vl_])
-                P[vh, vb, vg, vl_] = panel_value(K, vh, vb, vg, vl_)
+        if pairs:
+            for hh, r, g in T.grid(H, S, KG):
+                with T.sblock("KP"):
+                    vh, vr, vg = T.axis.remap("SSS", [hh, r, g])
+                    T.reads(K[vh, vr, 0:D])
+                    T.writes(KP[vh, vr, vg])
+                    KP[vh, vr, vg] = group_value(K, S, k_dtype, k_sub, vh, vr, vg)
+            for hh, b, g, n in T.grid(H, NBLK, KG, nb):
+                with T.sblock("P"):
+                    vh, vb, vg, vn = T.axis.remap("SSSS", [hh, b, g, n])
+                    T.reads(KP[vh, 0:S, vg])
+                    T.writes(P[vh, vb, vg, vn])
+                    P[vh, vb, vg, vn] = pair_panel_value(KP, vh, vb, vg, vn)
+        else:
+            for hh, b, g, l in T.grid(H, NBLK, KG, LW):
+                with T.sblock("P"):
+                    vh, vb, vg, vl_ = T.axis.remap("SSSS", [hh, b, g, l])
+                    T.reads(K[vh, 0:S, 0:D])
+                    T.writes(P[vh, vb, vg, vl_])
+                    P[vh, vb, vg, vl_] = panel_value(K, vh, vb, vg, vl_)
         for hh, m, b, j, g in T.grid(H, Tp, NBLK, J, KG):
             with T.sblock("C"):
                 vh, vm, vb, vj, vg = T.axis.remap("SSSSR", [hh, m, b, j, g])
-                T.reads(A[vh, vm, vg], P[vh, vb, vg, vj * LV: vj * LV + LV], RQ[vh, vm],
-                        RK[vh, vb * nb + vj * vl: vb * nb + vj * vl + vl])
+                T.reads(A[vh, vm, vg], P[vh, vb, vg, vj * PV: vj * PV + PV], RQ[vh, vm],
+                        RK[vh, 0:NBLK * nb])
                 T.writes(C[vh, vm, vb, vj * vl: vj * vl + vl])
                 with T.init():
                     C[vh, vm, vb, lanes(vj * vl, vl)] = init_value(RQ, RK, vh, vm, vb, vj)
                 C[vh, vm, vb, lanes(vj * vl, vl)] = step(C[vh, vm, vb, lanes(vj * vl, vl)], A[vh, vm, vg],
-                                                         P[vh, vb, vg, lanes(vj * LV, LV)])
-        for hh, i, j in T.grid(H, TQ, S):
+                                                         P[vh, vb, vg, lanes(vj * PV, PV)])
+        for hh, i, b, c in T.grid(H, TQ, NBLK, nb):
             with T.sblock("O"):
-                vh, vi, vj = T.axis.remap("SSS", [hh, i, j])
-                O[vh, vi, vj] = C[vh, vi, vj // nb, vj % nb]
+                vh, vi, vb, vc = T.axis.remap("SSSS", [hh, i, b, c])
+                if overlap:
+                    O[vh, vi, col0(vb) + vc] = C[vh, vi, vb, vc]
+                else:
+                    if vb * nb + vc < S:
+                        O[vh, vi, vb * nb + vc] = C[vh, vi, vb, vc]
 
     return func
 
@@ -185,8 +241,16 @@ def _schedule_qk_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int) ->
     sch.decompose_reduction(b_c, g)
     sch.unroll(mi)
     sch.unroll(j)
-    vectorize(sch, sch.get_loops(b_o)[-1])
-    parallel(sch, sch.get_loops(b_a)[0])
+    o_loops = sch.get_loops(b_o)
+    vectorize(sch, o_loops[-1])
+    # constant accumulator indices after unrolling: LLVM keeps the tile in registers and stores it straight
+    # to the output instead of spilling it to the stack first
+    sch.unroll(o_loops[-2])
+    for name in ("A", "KP"):
+        if name in blocks:
+            # heads x rows as the parallel loop: H=3 heads alone split 2:1 over 2 threads
+            h_loop, r_loop, _ = sch.get_loops(blocks[name])
+            parallel(sch, sch.fuse(h_loop, r_loop))
     for name in ("RQ", "RK"):
         if name in blocks:
             parallel(sch, sch.get_loops(blocks[name])[0])
@@ -196,7 +260,7 @@ def _schedule_qk_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int) ->
 def _schedule_qk_gpu(func: tirx.PrimFunc, micro: Microkernel) -> tirx.PrimFunc:
     sch = Schedule(func)
     blocks = root_blocks(sch)
-    for name in ("A", "P", "RQ", "RK"):
+    for name in ("A", "P", "RQ", "RK", "KP"):
         if name not in blocks:
             continue
         blk = blocks[name]
