@@ -13,7 +13,8 @@ For each model (batch 1; timm models with random weights, edgeq reference models
 * ``edgeq fp32``   the float ONNX file through :func:`edgeq.lower.relax_import.import_onnx` and
                    :func:`edgeq.lower.pipeline.compile_relax` (fp32 GEMM kernels, scheduled float ops);
 * ``edgeq w8a8``   / ``edgeq w4/8`` (MLP weights 4-bit, everything else 8-bit): ``edgeq.quant.quantize``
-                   (minmax, random calibration images: latency does not depend on the scales), QDQ export,
+                   with ``--method`` (default lrp-qvit, what ``edgeq build`` uses: log2 post-Softmax codes;
+                   random calibration images, the scales do not change the latency), QDQ export,
                    :func:`edgeq.lower.integer.lower_integer`, ``compile_relax`` -- reported as not available
                    when the integer lowering is not importable.
 
@@ -198,7 +199,7 @@ def prepare_model(name: str, args, work: Path, log) -> tuple[list[tuple[str, obj
     for label, plan in (("edgeq w8a8", "w8a8"), ("edgeq w4/8", _mixed_plan(model))):
         log(f"{name}: {label} quantization and QDQ export")
         try:
-            qmodel = quantize(model, images, plan, method="minmax")
+            qmodel = quantize(model, images, plan, method=args.method)
             variants.append((label, export_onnx(qmodel, work / f"{slug}.{label.split()[1].replace('/', '-')}.onnx",
                                                 int4="int8", batch=1), True))
         except Exception as err:  # report and go on with the other contenders
@@ -280,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib", type=int, default=8, help="random calibration images for the int8 contenders")
+    ap.add_argument("--method", choices=["lrp-qvit", "repq", "minmax"], default="lrp-qvit",
+                    help="edgeq's quantization method (minmax: uniform post-Softmax codes instead of log2)")
     ap.add_argument("--build-timeout", type=float, default=1800.0)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--build-child", help=argparse.SUPPRESS)

@@ -49,35 +49,53 @@ def _f32(value: float):
     return tirx.const(float(np.float32(value)), "float32")
 
 
+def _let(name: str, value, body):
+    """``body(v)`` with ``v`` bound to ``value`` once: the polynomials reuse their argument many times, and a
+    repeated subexpression would be repeated in the TIR (and in compile time) at every use."""
+    var = tirx.Var(name, value.ty.dtype)
+    return tirx.Let(var, value, body(var))
+
+
 def exp_nonpositive(x):
     """``exp(x)`` for ``x <= 0`` in float32 IEEE operations (``x < -87`` gives ``exp(-87)``, negligible in a sum
     that holds ``exp(0) = 1``): ``2**n * P(r)`` with ``r = x - n ln2`` (two-part ln2), ``P`` Taylor to ``r**7``
     (relative error below 1e-8 on ``|r| <= ln2 / 2``)."""
-    x = tirx.max(x, _f32(_EXP_FLOOR))
-    n = tirx.round(x * _f32(LOG2E))
-    r = x - n * _f32(_LN2_HI) - n * _f32(_LN2_LO)
-    poly = _f32(1.0 / math.factorial(7))
-    for k in range(6, -1, -1):
-        poly = poly * r + _f32(1.0 / math.factorial(k))
-    two_n = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
-    return poly * two_n
+
+    def with_n(x, n):
+        def with_r(r):
+            poly = _f32(1.0 / math.factorial(7))
+            for k in range(6, -1, -1):
+                poly = poly * r + _f32(1.0 / math.factorial(k))
+            return poly * tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+        return _let("r", x - n * _f32(_LN2_HI) - n * _f32(_LN2_LO), with_r)
+
+    return _let("x", tirx.max(x, _f32(_EXP_FLOOR)),
+                lambda x: _let("n", tirx.round(x * _f32(LOG2E)), lambda n: with_n(x, n)))
 
 
 def log2_positive(x):
     """``log2(x)`` for a normal ``x > 0`` in float32 IEEE operations: exponent field plus
     ``2 atanh(t) / ln 2`` of the mantissa folded into ``[sqrt(2)/2, sqrt(2))`` (``|t| <= 0.172``, series to ``t**9``)."""
-    bits = tirx.reinterpret("int32", x)
-    exponent = tirx.shift_right(bits, 23) - 127
-    mant = tirx.reinterpret("float32", tirx.bitwise_or(tirx.bitwise_and(bits, 0x7FFFFF), 0x3F800000))
-    big = mant > _f32(_SQRT2)
-    mant = tirx.Select(big, mant * _f32(0.5), mant)
-    exponent = exponent + tirx.Cast("int32", big)
-    t = (mant - _f32(1.0)) / (mant + _f32(1.0))
-    t2 = t * t
-    series = _f32(1.0 / 9)
-    for k in (7, 5, 3, 1):
-        series = series * t2 + _f32(1.0 / k)
-    return tirx.Cast("float32", exponent) + t * series * _f32(2.0 * LOG2E)
+
+    def from_bits(bits):
+        exponent = tirx.shift_right(bits, 23) - 127
+        mant = tirx.reinterpret("float32", tirx.bitwise_or(tirx.bitwise_and(bits, 0x7FFFFF), 0x3F800000))
+        big = mant > _f32(_SQRT2)
+        exponent = exponent + tirx.Cast("int32", big)
+
+        def from_t(t):
+            t2 = t * t
+            series = _f32(1.0 / 9)
+            for k in (7, 5, 3, 1):
+                series = series * t2 + _f32(1.0 / k)
+            return tirx.Cast("float32", exponent) + t * series * _f32(2.0 * LOG2E)
+
+        def from_mant(m):
+            return _let("t", (m - _f32(1.0)) / (m + _f32(1.0)), from_t)
+
+        return _let("mant", tirx.Select(big, mant * _f32(0.5), mant), from_mant)
+
+    return _let("bits", tirx.reinterpret("int32", x), from_bits)
 
 
 @dataclass
@@ -139,11 +157,12 @@ def _softmax_codes_func(R: int, S: int, alpha: int, log2_scale: float, zero_code
         return Z[r, j]
 
     def code(Z, M, LS, r, j):
-        drop = M[r] - score(Z, r, j)  # >= 0
-        lp = drop * _f32(LOG2E) + LS[r]  # -log2(p)
-        rounded = tirx.max(tirx.round(drop * code_slope + (LS[r] * _f32(alpha) + code_offset)), _f32(0.0))
-        keep = tirx.all(rounded < _f32(zero_code), lp <= _f32(UNDERFLOW_LOG2))
-        return tirx.Cast("uint8", tirx.Select(keep, rounded, _f32(zero_code)))
+        def from_drop(drop):  # drop = m - z >= 0
+            lp = drop * _f32(LOG2E) + LS[r]  # -log2(p)
+            rounded = tirx.max(tirx.round(drop * code_slope + (LS[r] * _f32(alpha) + code_offset)), _f32(0.0))
+            keep = tirx.all(rounded < _f32(zero_code), lp <= _f32(UNDERFLOW_LOG2))
+            return tirx.Cast("uint8", tirx.Select(keep, rounded, _f32(zero_code)))
+        return _let("drop", M[r] - score(Z, r, j), from_drop)
 
     def lane_max(PM, Z, r, lane):
         """Lane ``lane``'s partial maximum, with the tail element ``main * L + lane`` when there is one."""
