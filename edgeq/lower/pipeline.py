@@ -3,7 +3,7 @@
 ``compile_relax(mod, target)`` is what :func:`edgeq.compile.build` runs. For a CPU (``llvm``) target:
 
 1. :class:`~edgeq.lower.passes.float_kernels.FloatKernels` turns float matmuls and the patch conv into
-   scheduled fp32 GEMM kernels (weights packed into panels at build time);
+   scheduled fp32 GEMM kernels (weights packed into panels at build time), and Softmax into a row kernel;
 2. TVM's CPU legalization (``LegalizeOps``, ``FuseOps``, ``FuseTIR``) turns the remaining Relax ops
    (LayerNorm, Softmax, GELU, adds, reshapes, transposes) into PrimFuncs;
 3. with ``tuning_db``, PrimFuncs that MetaSchedule tuned (:mod:`edgeq.tune`) take their tuned schedule;

@@ -12,7 +12,9 @@ function, for float32 operands with static shapes:
   by a batched kernel (mode ``kn``, or ``nk`` reading ``c`` directly when ``b = permute_dims(c)`` swaps the
   last two axes);
 * ``R.nn.conv2d`` whose stride equals its kernel size (no padding, dilation or groups: a ViT/Swin patch
-  embedding) by an im2col reshape/transpose and a packed-weight kernel.
+  embedding) by an im2col reshape/transpose and a packed-weight kernel;
+* ``R.nn.softmax`` over the last axis by :func:`edgeq.lower.kernels.softmax.softmax_kernel` (8 lane partials per
+  row: the generic schedule interleaves rows instead, which at 197 tokens means strided loads).
 
 Anything else (integer ``R.call_tir`` kernels included, dynamic shapes, other dtypes) is left as it is. The
 emitted PrimFuncs carry ``tirx.is_scheduled`` and ``op_pattern`` opaque, so neither FuseOps nor later
@@ -28,6 +30,7 @@ from tvm import relax
 
 from edgeq.lower.kernels.fgemm import FloatGemmKernel, float_gemm_kernel
 from edgeq.lower.kernels.micro import as_target
+from edgeq.lower.kernels.softmax import softmax_kernel
 
 __all__ = ["FloatKernels", "rewrite_float_kernels"]
 
@@ -165,7 +168,19 @@ class _FloatKernelRewriter(relax.PyExprMutator):
             return self.visit_expr(fused[0])  # the matmul's result, which already holds the bias
         if op.name == "relax.nn.conv2d":
             return self._conv2d(call)
+        if op.name == "relax.nn.softmax":
+            return self._softmax(call)
         return call
+
+    def _softmax(self, call: relax.Call) -> relax.Expr:
+        (x,) = call.args
+        shape = _static_shape(x)
+        if shape is None or not _is_f32(x) or int(call.attrs.axis) not in (-1, len(shape) - 1):
+            return call
+        rows = math.prod(shape[:-1])
+        kernel = softmax_kernel(rows, shape[-1], self.target)
+        out = self.builder_.emit(self._call(kernel, [self._reshape(x, (rows, shape[-1]))]))
+        return self._reshape(out, shape)
 
     def _matmul(self, call: relax.Call, bias: np.ndarray | None) -> relax.Expr:
         x, y = call.args

@@ -7,7 +7,7 @@ codes with an integer kernel, this pass replaces the way they are computed::
     p = R.nn.softmax(z, axis=-1); codes = astype(<chain of p>, "uint8")
  -> codes = reshape(R.call_tir(softmax_log2_codes, (reshape(z, [R, S]),)), shape)
 
-(:mod:`edgeq.lower.kernels.softmax_codes`: no probability tensor, no per-element log). When ``z`` is a
+(:mod:`edgeq.lower.kernels.softmax`: no probability tensor, no per-element log). When ``z`` is a
 ``q @ k^T`` accumulator times a scalar (``FuseQMatmul``'s dequantize, through reshapes) the kernel reads the
 int32 accumulator itself.
 
@@ -28,7 +28,7 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from edgeq.lower.kernels.relax_glue import emit_call
-from edgeq.lower.kernels.softmax_codes import UNDERFLOW_LOG2, softmax_log2_codes_kernel
+from edgeq.lower.kernels.softmax import UNDERFLOW_LOG2, softmax_log2_codes_kernel
 
 from ._graph import BindingRewriter, Graph, cached_kernel, dtype_of, resolve_target, rewrite_functions, shape_of
 from .attention import evaluate_chain, softmax_source

@@ -1,5 +1,5 @@
-"""Softmax straight to log2 codes: the kernel against float64 math, and the pass that puts it in place of the
-export's quantize chain (only where that chain is a log2 quantizer of a softmax)."""
+"""Row softmax kernels (float probabilities, log2 codes) against float64 math, and the pass that puts the codes
+kernel in place of the export's quantize chain (only where that chain is a log2 quantizer of a softmax)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import tvm
 from tvm import relax
 
 from edgeq.lower.kernels.runner import HostKernel, host_target
-from edgeq.lower.kernels.softmax_codes import softmax_log2_codes_kernel, softmax_log2_codes_reference
+from edgeq.lower.kernels.softmax import softmax_kernel, softmax_log2_codes_kernel, softmax_log2_codes_reference
 from edgeq.lower.passes import FuseSoftmaxLog2Codes, RemoveDeadQDQ
 from edgeq.lower.passes._graph import Graph
 from edgeq.lower.passes.softmax_codes import fit_log2_quantizer
@@ -126,3 +126,14 @@ def test_pass_leaves_gpu_targets_alone():
     mod = _softmax_codes_module((1, 2, 5, 16), 0.75, 255)
     fused = FuseSoftmaxLog2Codes({"kind": "cuda", "arch": "sm_87"})(mod)
     assert "nn.softmax" in _ops(fused)
+
+
+@pytest.mark.parametrize("rows, length", [(591, 197), (5, 3), (12, 64)])
+def test_float_softmax_kernel_matches_float64(rows, length):
+    scores = (RNG.standard_normal((rows, length)) * 5).astype(np.float32)
+    kernel = softmax_kernel(rows, length, TARGET)
+    got = HostKernel(kernel.func, kernel.name, TARGET)(scores, out_shape=(rows, length), out_dtype="float32")
+    z = scores.astype(np.float64)
+    want = np.exp(z - z.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9)

@@ -1,4 +1,8 @@
-"""Softmax straight to log2 codes: one PrimFunc per row of scores, no probability tensor, one log per row.
+"""Row softmax kernels: float probabilities, or straight to log2 codes (no probability tensor, one log per row).
+
+Both read ``scores[R, S]`` and make the same three passes over a row: its maximum ``m`` and ``sum_i exp(z_i - m)``,
+each as 8 lane partials (each in index order) combined in lane order, then the output. ``softmax_kernel``
+writes ``p_j = exp(z_j - m) * (1 / sum)``; ``softmax_log2_codes_kernel`` writes the codes below.
 
 edgeq's post-Softmax quantizer turns a probability ``p`` into ``code = clamp(round(-a * log2(p / s)), 0, Z)``
 (``a = 2`` for log-sqrt(2) codes, ``a = 1`` for log2 codes, ``Z`` the zero code, ``p == 0`` -> ``Z``). With
@@ -17,8 +21,9 @@ where ``-a * log2(p / s)`` lies within float32 rounding of a half integer (the s
 backend's exp and log already have). A probability that float32 rounds to 0 (``-log2(p) > 150``) gets ``Z``,
 as the chain's ``p > 0`` test does.
 
-PrimFunc: ``f(scores[R, S] float32 | int32, codes[R, S] uint8)``; int32 scores are a ``q @ k^T`` accumulator,
-read as ``float32(acc) * in_scale`` (the same float32 product the dequantize it replaces computes).
+PrimFuncs: ``f(scores[R, S] float32 | int32, codes[R, S] uint8)``; int32 scores are a ``q @ k^T`` accumulator,
+read as ``float32(acc) * in_scale`` (the same float32 product the dequantize it replaces computes);
+``f(scores[R, S] float32, probs[R, S] float32)``.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ from tvm.s_tir import Schedule
 from .micro import ceil_div
 from .qlinear import parallel, root_blocks, vectorize
 
-__all__ = ["SoftmaxCodesKernel", "softmax_log2_codes_kernel", "softmax_log2_codes_reference", "UNDERFLOW_LOG2"]
+__all__ = ["SoftmaxKernel", "softmax_kernel", "softmax_log2_codes_kernel", "softmax_log2_codes_reference",
+           "UNDERFLOW_LOG2"]
 
 LANES = 8  # partial maxima / sums per row: independent chains, one AVX2 vector (two NEON vectors)
 LOG2E = 1.4426950408889634
@@ -99,23 +105,38 @@ def log2_positive(x):
 
 
 @dataclass
-class SoftmaxCodesKernel:
+class SoftmaxKernel:
     func: tirx.PrimFunc
     name: str
     rows: int
     length: int
     in_dtype: str
+    out_dtype: str
 
     @property
     def out_shape(self) -> tuple[int, int]:
         return (self.rows, self.length)
 
-    out_dtype = "uint8"
+
+def softmax_kernel(rows: int, length: int, target=None, *, name: str | None = None,
+                   num_tasks: int | None = None) -> SoftmaxKernel:
+    """Scheduled PrimFunc: float32 softmax over the rows of ``scores[rows, length]`` (module docstring)."""
+    if min(rows, length) < 1:
+        raise ValueError(f"shapes must be positive, got rows={rows} length={length}")
+
+    def element(drop, inv_sum):
+        return exp_nonpositive(-drop) * inv_sum
+
+    func = _row_softmax_func(rows, length, "float32", None, "float32", lambda total: _f32(1.0) / total, element)
+    func = _schedule(func, num_tasks or 8)
+    name = name or f"edgeq_softmax_r{rows}s{length}"
+    func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    return SoftmaxKernel(func, name, rows, length, "float32", "float32")
 
 
 def softmax_log2_codes_kernel(rows: int, length: int, target=None, *, alpha: int, log2_scale: float, zero_code: int,
                               in_dtype: str = "float32", in_scale: float | None = None, name: str | None = None,
-                              num_tasks: int | None = None) -> SoftmaxCodesKernel:
+                              num_tasks: int | None = None) -> SoftmaxKernel:
     """Scheduled PrimFunc: row-wise softmax of ``scores[rows, length]`` quantized to log2 codes (module docstring).
 
     ``alpha``: 2 (log-sqrt(2) codes) or 1 (log2 codes); ``log2_scale``: ``log2(s)`` of the quantizer's scale;
@@ -131,38 +152,40 @@ def softmax_log2_codes_kernel(rows: int, length: int, target=None, *, alpha: int
         raise ValueError("scores are float32, or int32 with in_scale")
     if min(rows, length) < 1:
         raise ValueError(f"shapes must be positive, got rows={rows} length={length}")
-    func = _softmax_codes_func(rows, length, alpha, float(log2_scale), int(zero_code), in_dtype, in_scale)
+    code_slope, code_offset = _f32(alpha * LOG2E), _f32(alpha * float(log2_scale))
+
+    def element(drop, log2_sum):  # drop = m - z >= 0
+        lp = drop * _f32(LOG2E) + log2_sum  # -log2(p)
+        rounded = tirx.max(tirx.round(drop * code_slope + (log2_sum * _f32(alpha) + code_offset)), _f32(0.0))
+        keep = tirx.all(rounded < _f32(zero_code), lp <= _f32(UNDERFLOW_LOG2))
+        return tirx.Cast("uint8", tirx.Select(keep, rounded, _f32(zero_code)))
+
+    func = _row_softmax_func(rows, length, in_dtype, in_scale, "uint8", log2_positive, element)
     func = _schedule(func, num_tasks or 8)
     if name is None:
         tag = f"{in_dtype}" + ("" if in_scale is None else f"x{np.float32(in_scale).view(np.uint32):08x}")
         name = (f"edgeq_softmaxcodes_r{rows}s{length}_a{alpha}_l{np.float32(log2_scale).view(np.uint32):08x}"
                 f"_z{zero_code}_{tag}")
     func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
-    return SoftmaxCodesKernel(func, name, rows, length, in_dtype)
+    return SoftmaxKernel(func, name, rows, length, in_dtype, "uint8")
 
 
-def _softmax_codes_func(R: int, S: int, alpha: int, log2_scale: float, zero_code: int, in_dtype: str,
-                        in_scale: float | None) -> tirx.PrimFunc:
+def _row_softmax_func(R: int, S: int, in_dtype: str, in_scale: float | None, out_dtype: str, row_stat,
+                      element) -> tirx.PrimFunc:
+    """The three passes over each row; ``row_stat(sum)`` is kept per row, ``element(m - z, stat)`` is written."""
     L = LANES
     main = S // L  # full lane groups; the last S % L elements go to the first lanes afterwards
     tail = S - main * L
     has_main = main > 0
     neg_inf = _f32(-np.inf)
-    code_slope = _f32(alpha * LOG2E)
-    code_offset = _f32(alpha * log2_scale)
 
     def score(Z, r, j):
         if in_dtype == "int32":
             return tirx.Cast("float32", Z[r, j]) * _f32(in_scale)
         return Z[r, j]
 
-    def code(Z, M, LS, r, j):
-        def from_drop(drop):  # drop = m - z >= 0
-            lp = drop * _f32(LOG2E) + LS[r]  # -log2(p)
-            rounded = tirx.max(tirx.round(drop * code_slope + (LS[r] * _f32(alpha) + code_offset)), _f32(0.0))
-            keep = tirx.all(rounded < _f32(zero_code), lp <= _f32(UNDERFLOW_LOG2))
-            return tirx.Cast("uint8", tirx.Select(keep, rounded, _f32(zero_code)))
-        return _let("drop", M[r] - score(Z, r, j), from_drop)
+    def output(Z, M, LS, r, j):
+        return _let("drop", M[r] - score(Z, r, j), lambda drop: element(drop, LS[r]))
 
     def lane_max(PM, Z, r, lane):
         """Lane ``lane``'s partial maximum, with the tail element ``main * L + lane`` when there is one."""
@@ -170,7 +193,7 @@ def _softmax_codes_func(R: int, S: int, alpha: int, log2_scale: float, zero_code
         return tirx.max(PM[r, lane], tail_score) if main else tail_score
 
     @T.prim_func(s_tir=True)
-    def func(Z: T.Buffer((R, S), in_dtype), Codes: T.Buffer((R, S), "uint8")):
+    def func(Z: T.Buffer((R, S), in_dtype), Out: T.Buffer((R, S), out_dtype)):
         T.func_attr({"tirx.noalias": True})
         PM = T.sblock_alloc_buffer((R, L), "float32")
         M = T.sblock_alloc_buffer((R,), "float32")
@@ -202,11 +225,11 @@ def _softmax_codes_func(R: int, S: int, alpha: int, log2_scale: float, zero_code
                 vr = T.axis.remap("S", [r])
                 T.reads(PS[vr, 0:L], M[vr], Z[vr, 0:S])
                 T.writes(LS[vr])
-                LS[vr] = log2_positive(_row_sum(PS, Z, M, vr, main, tail, score))
+                LS[vr] = row_stat(_row_sum(PS, Z, M, vr, main, tail, score))
         for r, j in T.grid(R, S):
             with T.sblock("C"):
                 vr, vj = T.axis.remap("SS", [r, j])
-                Codes[vr, vj] = code(Z, M, LS, vr, vj)
+                Out[vr, vj] = output(Z, M, LS, vr, vj)
 
     return func
 
