@@ -228,7 +228,7 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
 def _schedule_qk_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int) -> tirx.PrimFunc:
     sch = Schedule(func)
     blocks = root_blocks(sch)
-    b_a, b_p, b_c, b_o = blocks["A"], blocks["P"], blocks["C"], blocks["O"]
+    b_p, b_c, b_o = blocks["P"], blocks["C"], blocks["O"]
     hh, m, b, j, g = sch.get_loops(b_c)
     mo, mi = sch.split(m, [None, micro.mr])
     sch.reorder(hh, b, mo, g, mi, j)

@@ -35,7 +35,6 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.s_tir import Schedule
 
-from .micro import ceil_div
 from .qlinear import parallel, root_blocks, vectorize
 
 __all__ = ["SoftmaxKernel", "softmax_kernel", "softmax_log2_codes_kernel", "softmax_log2_codes_reference",
@@ -120,7 +119,8 @@ class SoftmaxKernel:
 
 def softmax_kernel(rows: int, length: int, target=None, *, name: str | None = None,
                    num_tasks: int | None = None) -> SoftmaxKernel:
-    """Scheduled PrimFunc: float32 softmax over the rows of ``scores[rows, length]`` (module docstring)."""
+    """Scheduled PrimFunc: float32 softmax over the rows of ``scores[rows, length]`` (module docstring); ``target``
+    as for :func:`softmax_log2_codes_kernel`."""
     if min(rows, length) < 1:
         raise ValueError(f"shapes must be positive, got rows={rows} length={length}")
 
