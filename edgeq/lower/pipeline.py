@@ -139,6 +139,20 @@ def _extent(sch: Schedule, loops) -> int:
     return out
 
 
+def _row_reduction_loops(sch: Schedule, block):
+    """(row loops, reduction loops) of a block in the legalized shape -- spatial loops, then only reduction
+    loops, one loop per block variable -- else None."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(stmt.iter_vars) or _is_spatial_block(sch, block):
+        return None
+    spatial = _leading_spatial_loops(sch, block)
+    reduce = loops[len(spatial):]
+    if not spatial or not reduce or any(iv.iter_type != tirx.IterVar.CommReduce for iv in stmt.iter_vars[len(spatial):]):
+        return None
+    return spatial, reduce
+
+
 def _interleave_rows(sch: Schedule, block, max_threads: int) -> bool:
     """Reduce :data:`_ROW_LANES` independent rows side by side: ``for k: for row in lanes: acc[row] += f(x[row, k])``.
 
@@ -148,14 +162,10 @@ def _interleave_rows(sch: Schedule, block, max_threads: int) -> bool:
     compute the per-element work (Softmax's exp polynomial) across rows. False when the block does not have the
     legalized shape (spatial loops, then reduction loops) or its rows do not split evenly.
     """
-    stmt = sch.get(block)
-    loops = sch.get_loops(block)
-    if len(loops) != len(stmt.iter_vars) or _is_spatial_block(sch, block):
+    found = _row_reduction_loops(sch, block)
+    if found is None:
         return False
-    spatial = _leading_spatial_loops(sch, block)
-    reduce = loops[len(spatial):]
-    if not spatial or not reduce or any(iv.iter_type != tirx.IterVar.CommReduce for iv in stmt.iter_vars[len(spatial):]):
-        return False
+    spatial, reduce = found
     if _extent(sch, reduce) < _MIN_ROW_LENGTH:  # short rows (a max over two values): spatial work dominates
         return False
     rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
@@ -182,14 +192,10 @@ def _reduce_in_lanes(sch: Schedule, block, max_threads: int) -> bool:
     a different order than a plain serial sum. False when the innermost reduction is not a whole number of
     lane groups or too short.
     """
-    stmt = sch.get(block)
-    loops = sch.get_loops(block)
-    if len(loops) != len(stmt.iter_vars) or _is_spatial_block(sch, block):
+    found = _row_reduction_loops(sch, block)
+    if found is None or len(found[1]) != 1:
         return False
-    spatial = _leading_spatial_loops(sch, block)
-    reduce = loops[len(spatial):]
-    if not spatial or len(reduce) != 1 or stmt.iter_vars[-1].iter_type != tirx.IterVar.CommReduce:
-        return False
+    spatial, reduce = found
     extent = int(sch.get(reduce[0]).extent)
     if extent % _VECTOR_LANES or extent < 2 * _VECTOR_LANES:
         return False
