@@ -2,8 +2,8 @@
 
 ``lower_integer(import_onnx(path), target)`` runs edgeq's Relax passes (:mod:`edgeq.lower.passes`) so that
 every quantized Linear, the patch-embedding conv and both attention matmuls are ``R.call_tir`` of scheduled
-integer kernels from :mod:`edgeq.lower.kernels` (and a log2-quantized Softmax one kernel that writes the codes), with their integer weights, biases and requantization
-constants baked in as ``relax.const``. LayerNorm, Softmax, GELU, residual adds and the quantization of
+integer kernels from :mod:`edgeq.lower.kernels` (a log2-quantized Softmax becomes one kernel that writes the
+codes), with their integer weights, biases and requantization constants baked in as ``relax.const``. LayerNorm, Softmax, GELU, residual adds and the quantization of
 activations (float -> int8/uint8 codes) stay float between these integer islands. Each kernel call is bound to
 a var named after its edgeq layer (from the export's names, see :mod:`edgeq.lower.relax_import`).
 

@@ -13,7 +13,7 @@ int32 accumulator itself.
 
 What the chain computes is checked, not assumed: it is evaluated (numpy) on a geometric grid of probabilities
 (64 points per octave from 1 down to 2**-149, and 0), its zero code read at ``p = 0``, ``log2(s)`` located by
-bisecting its first code step, and it must then equal ``clamp(round(a * -log2(p / s)), 0, Z)`` for ``a = 2`` or
+found at its first code step (every float32 around it evaluated), and it must then equal ``clamp(round(a * -log2(p / s)), 0, Z)`` for ``a = 2`` or
 ``a = 1`` at every grid point not within 1e-3 of a rounding boundary. Any other chain is left as it is.
 CPU (``llvm``) targets only: on a GPU the chain stays float ops for TVM's GPU schedules.
 """
@@ -68,21 +68,20 @@ def _chain_codes(graph: Graph, codes: relax.Var, source: relax.Var, p: np.ndarra
 
 
 def _first_step(graph, codes, source, grid: np.ndarray, values: np.ndarray, zero_code: int):
-    """(p at the first code step c -> c + 1 below the zero code, c), located to float32 precision."""
+    """(smallest float32 p with code c at the first code step c -> c + 1 below the zero code, c).
+
+    The chain is evaluated once on every float32 between the two grid points around the step (about 2**17 of
+    them at 64 points per octave), so the boundary is exact for the chain as numpy computes it."""
     steps = np.nonzero((np.diff(values) == 1) & (values[1:] < zero_code))[0]
     if not len(steps):
         return None
-    i = int(steps[0])
-    hi, lo, code_hi = float(grid[i]), float(grid[i + 1]), int(values[i])  # grid descends: code(hi) == c
-    for _ in range(60):
-        mid = float(np.float32(0.5 * (hi + lo)))
-        if mid in (hi, lo):
-            break
-        found = _chain_codes(graph, codes, source, np.array([mid]))
-        if found is None:
-            return None
-        hi, lo = (mid, lo) if found[0] == code_hi else (hi, mid)
-    return 0.5 * (hi + lo), code_hi
+    i = int(steps[0])  # the grid descends: code(grid[i]) == c, code(grid[i + 1]) == c + 1
+    code = int(values[i])
+    bits = np.arange(grid[i + 1].view(np.uint32), grid[i].view(np.uint32) + 1, dtype=np.uint32)
+    between = _chain_codes(graph, codes, source, bits.view(np.float32))
+    if between is None or not (between == code).any():
+        return None
+    return float(bits.view(np.float32)[np.argmax(between == code)]), code
 
 
 def fit_log2_quantizer(graph: Graph, codes: relax.Var, source: relax.Var) -> Optional[Log2Quantizer]:
