@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--no-glue", action="store_true", help="skip the float ops between the kernels")
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
                     help="thread: CPU time of the calling thread (needs --threads 1; robust on a loaded machine)")
     args = ap.parse_args(argv)
@@ -132,6 +133,9 @@ def main(argv=None) -> int:
         att["torch float32 p@v"] = lambda: pf @ kf
         tables.append(("attention H=3 T=197 D=64", att, "edgeq q@k^T int8->int32"))
 
+    if not args.no_glue:
+        tables.append(("float ops between kernels (deit_tiny sizes)", _glue_contenders(target, rng), None))
+
     print(f"host target {target}, threads {args.threads}, {args.clock} clock, "
           f"rounds {args.rounds} x {args.repeat} calls")
     print("bit-exact vs numpy reference: " + ", ".join(f"{lbl}: {'yes' if ok else 'NO'}" for lbl, ok in checks))
@@ -145,13 +149,55 @@ def main(argv=None) -> int:
                 for _ in range(args.repeat):
                     fn()
                 times[label].append((clock() - t0) / args.repeat * 1e3)
-        base_med = float(np.median(times[base]))
+        base_med = float(np.median(times[base])) if base else None  # glue: different ops, no common base
         print(f"\n{title}")
         print(f"{'':40s} {'median ms':>10s} {'min ms':>8s} {'x edgeq':>8s}")
         for label, ts in times.items():
             med = float(np.median(ts))
-            print(f"{label:40s} {med:10.3f} {min(ts):8.3f} {med / base_med:8.2f}")
+            ratio = f"{med / base_med:8.2f}" if base_med else ""
+            print(f"{label:40s} {med:10.3f} {min(ts):8.3f} {ratio}")
     return 0 if all(ok for label, ok in checks if label.startswith("edgeq")) else 1
+
+
+def _glue_contenders(target, rng) -> dict:
+    """Each float op alone, compiled by edgeq's pipeline and run on the Relax VM, next to its torch equivalent."""
+    import numpy as np
+    import torch
+    import tvm
+    from tvm import relax
+
+    from edgeq.lower.kernels.runner import HostKernel
+    from edgeq.lower.kernels.softmax import softmax_log2_codes_kernel
+    from edgeq.lower.pipeline import compile_relax
+
+    def relax_call(shape, build):
+        x = relax.Var("x", relax.TensorType(shape, "float32"))
+        bb = relax.BlockBuilder()
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(build(x)))
+            bb.emit_func_output(out)
+        vm = relax.VirtualMachine(compile_relax(bb.get(), target), tvm.cpu())
+        arg = tvm.runtime.tensor((rng.standard_normal(shape) * 3).astype(np.float32))
+        return lambda: vm["main"](arg)
+
+    gamma, beta = (relax.const(rng.standard_normal(192).astype(np.float32)) for _ in range(2))
+    fns = {
+        "edgeq LayerNorm + quantize 197x192": relax_call((1, 197, 192), lambda x: relax.op.quantize(
+            relax.op.nn.layer_norm(x, gamma, beta, axes=[-1]), relax.const(np.float32(0.02)),
+            relax.const(np.uint8(128)), axis=-1, out_dtype="uint8")),
+        "edgeq Softmax 3x197x197": relax_call((1, 3, 197, 197), lambda x: relax.op.nn.softmax(x, axis=-1)),
+    }
+    codes = softmax_log2_codes_kernel(591, 197, target, alpha=2, log2_scale=-0.4, zero_code=255, in_dtype="int32",
+                                      in_scale=1e-4)
+    hk = HostKernel(codes.func, codes.name, target)
+    scores = hk.prepare([rng.integers(-40000, 40000, (591, 197)).astype(np.int32)], codes.out_shape, "uint8")
+    fns["edgeq Softmax -> log2 codes 3x197x197"] = lambda: hk.call(scores)
+    x_ln, x_sm = torch.randn(1, 197, 192), torch.randn(1, 3, 197, 197)
+    ln = torch.nn.LayerNorm(192).requires_grad_(False)
+    fns["torch LayerNorm 197x192"] = lambda: ln(x_ln)
+    fns["torch softmax 3x197x197"] = lambda: torch.softmax(x_sm, dim=-1)
+    return fns
 
 
 def _ort_matmul_integer(x_u8, x_zp, w, threads):
