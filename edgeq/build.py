@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeq import __version__
 from edgeq import artifact as A
-from edgeq.errors import ArtifactError, BitPlanError
+from edgeq.errors import ArtifactError, BitPlanError, EdgeqError
 
 #: ``progress(stage, done, total)``: a stage name, and how far it is when it has steps (else None, None).
 Progress = Callable[[str, Optional[int], Optional[int]], None]
@@ -68,6 +68,7 @@ class BuildConfig:
     eval_data: Optional[str] = None      # None: the reference models' CIFAR-10 val set, else no accuracy
     eval_limit: Optional[int] = DEFAULT_EVAL_LIMIT  # 0: skip the accuracy stage
     golden_count: int = GOLDEN_COUNT
+    tuning_db: Optional[str] = None      # `edgeq tune` database for the float ops of CPU targets
 
 
 def _say(progress: Optional[Progress], stage: str, done: Optional[int] = None, total: Optional[int] = None) -> None:
@@ -247,10 +248,36 @@ def lower(onnx_path: Path, spec, precision: str):
     return lower_integer(mod, spec.tvm_target())
 
 
-def compile_library(mod, spec, path: Path) -> Path:
+def compile_library(mod, spec, path: Path, *, tuning_db: Optional[str] = None,
+                    tuned: Optional[list[str]] = None) -> Path:
     from edgeq.compile import build, export_library
 
-    return export_library(build(mod, spec), spec, path)
+    return export_library(build(mod, spec, tuning_db=tuning_db, tuned=tuned), spec, path)
+
+
+def check_tuning_db(config: BuildConfig, spec, host_spec) -> None:
+    """A tuning database must exist and be usable by every library the build compiles (CPU targets only:
+    the board's library and the host reference must take the same schedules to agree bit for bit)."""
+    if config.tuning_db is None:
+        return
+    from edgeq.tune import database_exists
+
+    if not database_exists(config.tuning_db):
+        raise EdgeqError(f"--tuning-db {config.tuning_db} holds no MetaSchedule database; write one with "
+                         "`edgeq tune`")
+    for each in (spec, host_spec):
+        if each is not None and each.tvm_target().kind.name != "llvm":
+            raise EdgeqError(f"--tuning-db applies to CPU targets only; {each.name} is "
+                             f"{each.tvm_target().kind.name}")
+
+
+def tuning_entry(config: BuildConfig, tuned: list[str]) -> Optional[dict[str, Any]]:
+    if config.tuning_db is None:
+        return None
+    from edgeq.tune import database_digest
+
+    return {"database": str(config.tuning_db), "sha256": database_digest(config.tuning_db),
+            "applied": sorted(set(tuned))}
 
 
 class HostRunner:
@@ -360,6 +387,7 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
     if host_spec is not None and spec.target_json == host_spec.target_json and spec.host_json is None:
         host_spec = None  # the target is this machine under another name
     spec.toolchain.resolve()  # a missing cross compiler fails now, not after quantizing
+    check_tuning_db(config, spec, host_spec)
     precision = "float" if config.float_model else "int"
     plan = None if config.float_model else resolve_plan(config.bits, config.plan)
     if plan is not None:
@@ -394,7 +422,8 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
         _say(progress, f"lowering for {spec.name}")
         mod = lower(onnx_path, spec, precision)
         _say(progress, f"compiling for {spec.name}")
-        compile_library(mod, spec, partial / A.LIBRARY)
+        tuned: list[str] = []
+        compile_library(mod, spec, partial / A.LIBRARY, tuning_db=config.tuning_db, tuned=tuned)
         if precision == "int":
             from edgeq.lower.integer import kernel_constants
 
@@ -410,7 +439,8 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
             _say(progress, "lowering for host")
             host_mod = lower(onnx_path, host_spec, precision)
             _say(progress, "compiling for host")
-            reference_lib = compile_library(host_mod, host_spec, partial / A.HOST_LIBRARY)
+            reference_lib = compile_library(host_mod, host_spec, partial / A.HOST_LIBRARY,
+                                            tuning_db=config.tuning_db)
             del host_mod
         runner = HostRunner(reference_lib)
 
@@ -451,6 +481,7 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
             "golden": golden,
             "weights": weights,
             "versions": versions(),
+            "tuning": tuning_entry(config, tuned),
         }
         A.write_manifest(partial, manifest)
         A.load_artifact(partial)  # what every later command will do: fail here rather than there

@@ -11,6 +11,8 @@ import click
 from edgeq import __version__
 from edgeq.errors import EdgeqError
 
+RANDOM_INIT_HELP = "Use seeded random weights, the same in every run (for latency work)."
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -37,7 +39,7 @@ def cli() -> None:
 
 def model_options(command):
     """--model, --checkpoint and --random-init, shared by every command that loads a model."""
-    command = click.option("--random-init", is_flag=True, help="Use random weights (timm models; for latency work).")(command)
+    command = click.option("--random-init", is_flag=True, help=RANDOM_INIT_HELP)(command)
     command = click.option("--checkpoint", type=click.Path(path_type=Path),
                            help="Weights (.safetensors or .pth) to load.")(command)
     return click.option("--model", "model_name", required=True, help="edgeq/<name> or a timm model name.")(command)
@@ -239,7 +241,7 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
 @click.option("--model", "model_name", default="edgeq/vit-cifar10", show_default=True,
               help="edgeq/<name> or a timm model name.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights (.safetensors or .pth) to load.")
-@click.option("--random-init", is_flag=True, help="Use random weights (timm models; for latency work).")
+@click.option("--random-init", is_flag=True, help=RANDOM_INIT_HELP)
 @click.option("--calib", metavar="DIR|ARCHIVE|RECIPE.yaml",
               help="Calibration images (default: calibration/cifar10-32.yaml for the bundled models, "
                    "else images synthesized from the model).")
@@ -257,8 +259,10 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
               help="Images for the accuracies in the manifest (default: CIFAR-10 val for the bundled models).")
 @click.option("--eval-limit", type=click.IntRange(min=0), default=500, show_default=True,
               help="Class-balanced images for the accuracies; 0 skips them.")
+@click.option("--tuning-db", type=click.Path(path_type=Path),
+              help="MetaSchedule database from `edgeq tune` (e.g. build/NAME.tuning): tuned float-op schedules.")
 def build_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, bits, plan_path, method,
-                  float_model, target, out, eval_data, eval_limit) -> None:
+                  float_model, target, out, eval_data, eval_limit, tuning_db) -> None:
     """Quantize, lower to integer kernels and compile for a board: writes an artifact directory."""
     from edgeq.artifact import load_artifact
     from edgeq.build import BuildConfig, build_artifact, is_reference
@@ -271,7 +275,8 @@ def build_command(model_name, checkpoint, random_init, calib, calib_count, calib
     config = BuildConfig(target=target, model=model_name, checkpoint=str(checkpoint) if checkpoint else None,
                          random_init=random_init, calib=calib, calib_count=calib_count, calib_seed=calib_seed,
                          bits=bits, plan=str(plan_path) if plan_path else None, method=method,
-                         float_model=float_model, eval_data=eval_data, eval_limit=eval_limit)
+                         float_model=float_model, eval_data=eval_data, eval_limit=eval_limit,
+                         tuning_db=str(tuning_db) if tuning_db else None)
     if calib is None and not float_model and not is_reference(model_name):
         click.echo("edgeq: warning: no --calib given: calibrating on images synthesized from the model", err=True)
     with stage_progress() as progress:
@@ -282,6 +287,8 @@ def build_command(model_name, checkpoint, random_init, calib, calib_count, calib
     if accuracy:
         summary += (f"; top-1 on {accuracy['images']} images: float {accuracy['fp_top1']:.2f} %, compiled "
                     f"{accuracy['compiled_top1']:.2f} %")
+    if manifest.get("tuning"):
+        summary += f"; tuned schedules for {len(manifest['tuning']['applied'])} PrimFunc(s)"
     click.echo(f"built {model_name} for {manifest['target']['name']} → {path} ({summary})")
 
 
@@ -452,7 +459,7 @@ def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_k
 @click.argument("more_plans", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--model", "model_name", default="edgeq/vit-cifar10", show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path))
-@click.option("--random-init", is_flag=True)
+@click.option("--random-init", is_flag=True, help=RANDOM_INIT_HELP)
 @click.option("--calib", metavar="DIR|ARCHIVE|RECIPE.yaml", help="Calibration images (as for `edgeq build`).")
 @click.option("--method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit", show_default=True)
 @board_options
@@ -487,14 +494,19 @@ def profile_command(target, plans, more_plans, model_name, checkpoint, random_in
 
 @cli.command("tune")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--target", required=True, metavar="NAME|TAG|JSON", help="Target to tune for (measured on this machine).")
+@click.option("--target", metavar="NAME|TAG|JSON",
+              help="Target to tune for (default: an artifact's own; required for an ONNX file).")
 @click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
               help="Measured candidates in all (MetaSchedule trial budget).")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Database directory (default: <artifact>.tuning beside an artifact, <file>.tuning for an ONNX file).")
-def tune_command(source: Path, target: str, trials: int, out: Path | None) -> None:
-    """MetaSchedule-tune the float ops of an artifact (build/NAME) or ONNX file; hand-written kernels stay."""
-    from edgeq.tune import tune_onnx
+@board_options
+def tune_command(source: Path, target: str | None, trials: int, out: Path | None, rpc, rpc_tracker, rpc_key) -> None:
+    """MetaSchedule-tune the float ops of an artifact (build/NAME) or ONNX file; hand-written kernels stay.
+
+    Candidates run on this machine for the host target, on the board given by --rpc/--rpc-tracker otherwise;
+    rebuild with `edgeq build --tuning-db DIR` to use the database."""
+    from edgeq.tune import default_database, tune_onnx
 
     integer = False
     onnx_path = source
@@ -503,12 +515,19 @@ def tune_command(source: Path, target: str, trials: int, out: Path | None) -> No
 
         onnx_path = source / "model.onnx"
         try:
-            integer = json.loads((source / "manifest.json").read_text()).get("precision") == "int"
+            manifest = json.loads((source / "manifest.json").read_text())
         except (OSError, ValueError):
             raise EdgeqError(f"{source} is not an edgeq artifact (no readable manifest.json)") from None
-    database = out or source.with_name(source.name.removesuffix(".onnx") + ".tuning")
-    result = tune_onnx(onnx_path, target, database, trials=trials, integer=integer)
-    click.echo(f"tuned {result.tasks} operators with {result.trials} trials ({result.records} records): {database}")
+        integer = manifest.get("precision") == "int"
+        target = target or (manifest.get("target") or {}).get("name")
+    if not target:
+        raise click.UsageError("--target is needed to tune an ONNX file")
+    database = out or default_database(source)
+    result = tune_onnx(onnx_path, target, database, trials=trials, integer=integer, rpc=rpc, tracker=rpc_tracker,
+                       key=rpc_key)
+    click.echo(f"tuned {result.tasks} operators with {result.trials} trials measured on {result.measured_on} "
+               f"({result.records} records): {database}")
+    click.echo(f"use: edgeq build --target {target} ... --tuning-db {database}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,12 +15,12 @@ from edgeq.targets import TargetSpec, elf_info, load_target
 
 
 def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", params: dict | None = None,
-          tuning_db: str | os.PathLike | None = None):
+          tuning_db: str | os.PathLike | None = None, tuned: list[str] | None = None):
     """Compile a Relax ``IRModule`` for ``target`` into a ``tvm.relax.Executable`` (nothing linked yet).
 
     ``relax_pipeline="default"`` is edgeq's pipeline (:func:`edgeq.lower.pipeline.compile_relax`: fp32 GEMM
-    kernels, scheduled float ops, integer kernels kept; ``tuning_db`` from ``edgeq tune``); any other value is
-    handed to ``tvm.compile`` as it is.
+    kernels, scheduled float ops, integer kernels kept; ``tuning_db`` from ``edgeq tune``, the PrimFuncs it
+    schedules appended to ``tuned``); any other value is handed to ``tvm.compile`` as it is.
     """
     import tvm
 
@@ -32,7 +32,7 @@ def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", par
     if relax_pipeline == "default":
         from edgeq.lower.pipeline import compile_relax
 
-        return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db)
+        return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db, tuned=tuned)
     return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline)
 
 

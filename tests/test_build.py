@@ -101,6 +101,26 @@ def test_weight_bytes_are_within_five_percent_of_params_times_bits(host_build: P
     assert B.weight_bytes_within_tolerance(weights)
 
 
+def test_tuned_rebuild_records_its_database_and_reproduces_its_golden_batch(capsys, tmp_path, host_build: Path,
+                                                                           tiny_model_name, images) -> None:
+    """`edgeq tune build/NAME` then `edgeq build --tuning-db build/NAME.tuning`: what the user runs."""
+    code, out, err = run_cli(capsys, "tune", str(host_build), "--trials", "4", "--out", str(tmp_path / "db"))
+    assert code == 0, err
+    assert "measured on this machine (4 records)" in out
+    rebuilt = tmp_path / "tiny-host-tuned"
+    code, out, err = cli_build(capsys, tiny_model_name, images, rebuilt, "--target", "host", "--eval-limit", "0",
+                               "--tuning-db", str(tmp_path / "db"))
+    assert code == 0, err
+    art = A.load_artifact(rebuilt)
+    tuning = art.manifest["tuning"]
+    assert tuning["database"] == str(tmp_path / "db") and len(tuning["sha256"]) == 64
+    assert tuning["applied"] and f"tuned schedules for {len(tuning['applied'])} PrimFunc(s)" in out
+    inputs, outputs = art.golden()
+    np.testing.assert_array_equal(B.HostRunner(art.host_library)(inputs), outputs)
+    # same calibration, same integer program: only schedules changed, and the float ops round the same way
+    np.testing.assert_array_equal(outputs, B.HostRunner(A.load_artifact(host_build).host_library)(inputs))
+
+
 def test_rasp4_build_has_an_aarch64_library_and_a_host_reference(capsys, tmp_path, tiny_model_name, images) -> None:
     from edgeq.targets import elf_info
 

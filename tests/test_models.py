@@ -116,3 +116,18 @@ def test_mismatched_checkpoint_names_first_mismatches(tmp_path: Path, vit_state)
     torch.save(reshaped, path)
     with pytest.raises(CheckpointError, match=r"shape mismatch head.weight \(100, 192\) vs model \(10, 192\)"):
         create_model("edgeq/vit-cifar10", checkpoint=path)
+
+
+def test_random_init_is_the_same_model_every_time_and_leaves_the_callers_rng_alone() -> None:
+    import torch
+
+    from edgeq.models import create_model
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = create_model("edgeq/vit-cifar10", pretrained=False).state_dict()
+    assert torch.equal(torch.rand(1), expected_next)
+    second = create_model("edgeq/vit-cifar10", pretrained=False).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], torch.zeros_like(first["blocks.0.attn.qkv.weight"]))

@@ -275,14 +275,27 @@ def keep_kernels_opaque(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def _apply_tuning_db(tuning_db: str | os.PathLike, target: tvm.target.Target) -> tvm.transform.Pass:
+def _apply_tuning_db(tuning_db: str | os.PathLike, target: tvm.target.Target,
+                     tuned: list[str] | None) -> tvm.transform.Pass:
+    """MetaSchedule's database pass; the PrimFuncs it gives a tuned schedule are appended to ``tuned``."""
     from edgeq.tune import apply_database_pass
 
-    return apply_database_pass(tuning_db, target)
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.ApplyTuningDatabase")
+    def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        already = {gv.name_hint for gv, func in mod.functions.items() if is_scheduled(func)}
+        with target:  # MetaSchedule's pass reads the target when it is created
+            mod = apply_database_pass(tuning_db, target)(mod)
+        if tuned is not None:
+            tuned.extend(sorted(gv.name_hint for gv, func in mod.functions.items()
+                                if is_scheduled(func) and gv.name_hint not in already))
+        return mod
+
+    return _apply
 
 
-def _scheduling_passes(tgt: tvm.target.Target, tuning_db: str | os.PathLike | None) -> list:
-    """Steps 1-4 of the module doc: Relax ops to scheduled PrimFuncs, ``main`` still a dataflow of ``call_tir``."""
+def legalizing_passes(tgt: tvm.target.Target) -> list:
+    """Steps 1-2 of the module doc: what turns Relax ops into PrimFuncs before any is scheduled. ``edgeq tune``
+    extracts its tasks after exactly these, so its database matches the PrimFuncs a build schedules."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from edgeq.lower.passes.float_kernels import FloatKernels
@@ -290,9 +303,15 @@ def _scheduling_passes(tgt: tvm.target.Target, tuning_db: str | os.PathLike | No
     # FastMathTransform: erf/exp/tanh as vectorizable polynomials (libm's are scalar calls; GELU's erf alone
     # cost as much as all the GEMMs of a block); agreement with PyTorch stays ~1e-6
     passes = [FloatKernels(tgt), relax.transform.FastMathTransform(), keep_kernels_opaque]
-    passes += cpu_generic.library_dispatch_passes(tgt) + cpu_generic.legalize_passes(tgt)
+    return passes + cpu_generic.library_dispatch_passes(tgt) + cpu_generic.legalize_passes(tgt)
+
+
+def _scheduling_passes(tgt: tvm.target.Target, tuning_db: str | os.PathLike | None,
+                       tuned: list[str] | None = None) -> list:
+    """Steps 1-4 of the module doc: Relax ops to scheduled PrimFuncs, ``main`` still a dataflow of ``call_tir``."""
+    passes = legalizing_passes(tgt)
     if tuning_db is not None:
-        passes.append(_apply_tuning_db(tuning_db, tgt))
+        passes.append(_apply_tuning_db(tuning_db, tgt, tuned))
     passes.append(ScheduleCPU(tgt))
     return passes
 
@@ -305,12 +324,13 @@ def schedule_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | 
         return tvm.transform.Sequential(_scheduling_passes(tgt, tuning_db))(mod)
 
 
-def cpu_pipeline(target, *, tuning_db: str | os.PathLike | None = None) -> tvm.transform.Pass:
+def cpu_pipeline(target, *, tuning_db: str | os.PathLike | None = None,
+                 tuned: list[str] | None = None) -> tvm.transform.Pass:
     """The Relax pipeline :func:`compile_relax` uses for a CPU target (a ``tvm.transform.Pass``)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     tgt = as_target(target)
-    passes = _scheduling_passes(tgt, tuning_db)
+    passes = _scheduling_passes(tgt, tuning_db, tuned)
     passes += cpu_generic.dataflow_lower_passes(tgt) + cpu_generic.finalize_passes(tgt)
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.CPUPipeline")
@@ -372,11 +392,13 @@ def _exact_fp_tir_pipeline():
 tirx.compilation_pipeline.register_tir_pipeline(EXACT_FP_TIR_PIPELINE, _exact_fp_tir_pipeline)
 
 
-def compile_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | None = None):
+def compile_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | None = None,
+                  tuned: list[str] | None = None):
     """Compile a Relax module for ``target`` (Target, JSON dict or tag) into a ``tvm.relax.Executable``.
 
     ``tuning_db``: a MetaSchedule database directory written by ``edgeq tune`` for this target; its tuned
-    PrimFuncs replace edgeq's generic schedules (the fp32/integer GEMM kernels stay hand-scheduled).
+    PrimFuncs replace edgeq's generic schedules (the fp32/integer GEMM kernels stay hand-scheduled), and their
+    names are appended to ``tuned`` when it is given (a database tuned for another model matches nothing).
     CPU modules are built with the :data:`EXACT_FP_TIR_PIPELINE`: their float results are the same bits on
     x86_64 and ARM.
     """
@@ -386,7 +408,11 @@ def compile_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | N
 
         raise EdgeqError(f"tuning database {tuning_db} does not exist (write one with `edgeq tune`)")
     if tgt.kind.name != "llvm":
+        if tuning_db is not None:
+            from edgeq.errors import EdgeqError
+
+            raise EdgeqError(f"a tuning database applies to CPU (llvm) targets only, not {tgt.kind.name}")
         return tvm.compile(mod, target=tgt)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
-    return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, tuning_db=tuning_db),
+    return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, tuning_db=tuning_db, tuned=tuned),
                        tir_pipeline=EXACT_FP_TIR_PIPELINE)

@@ -52,6 +52,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+#: the seed of every random initialisation :func:`create_model` makes
+RANDOM_INIT_SEED = 0
+
+
 def create_model(
     name: str,
     checkpoint: str | os.PathLike | None = None,
@@ -63,7 +67,16 @@ def create_model(
     Weights come from ``checkpoint`` when given; otherwise a reference model
     loads its bundled weights, and a timm model its pretrained weights when
     ``pretrained`` (which needs the network) or stays randomly initialised.
+    Random initialisation is seeded (:data:`RANDOM_INIT_SEED`, the caller's
+    torch RNG untouched): two builds of one random model are the same model,
+    so their latencies compare and a tuning database made for one fits the other.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return _create_model(name, checkpoint, pretrained, num_classes)
+
+
+def _create_model(name: str, checkpoint, pretrained: bool, num_classes: int | None) -> torch.nn.Module:
     if name in REFERENCE_MODELS:
         ref = REFERENCE_MODELS[name]
         model = ref.build()

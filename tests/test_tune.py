@@ -1,0 +1,136 @@
+"""`edgeq tune`: MetaSchedule measures real candidates (on this machine, or on a board over RPC, directly or
+through a tracker), writes a database, and a build with that database gives the tuned PrimFunc its schedule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli_runner import run_cli
+from edgeq.errors import EdgeqError
+
+#: MetaSchedule's run time for a candidate that failed to build or run
+FAILED_RUN_SECONDS = 1e10
+
+
+@pytest.fixture(scope="module")
+def layer_norm_onnx(tmp_path_factory) -> Path:
+    """A one-operator model: one tuning task, so a tuning run takes seconds."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    gamma = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "gamma")
+    beta = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "beta")
+    node = helper.make_node("LayerNormalization", ["input", "gamma", "beta"], ["output"], axis=-1, epsilon=1e-6)
+    graph = helper.make_graph([node], "layer_norm", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 50, 64])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 50, 64])], [gamma, beta])
+    path = tmp_path_factory.mktemp("onnx") / "layer_norm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def measured_seconds(database: Path) -> list[float]:
+    lines = (database / "database_tuning_record.json").read_text().splitlines()
+    return [json.loads(line)[1][1][0] for line in lines]
+
+
+def assert_measured(database: Path, trials: int) -> None:
+    seconds = measured_seconds(database)
+    assert len(seconds) == trials
+    assert all(0 < s < 1.0 for s in seconds), f"candidates failed to build or run: {seconds}"
+
+
+def test_tuned_database_is_measured_and_a_build_applies_it(layer_norm_onnx, tmp_path) -> None:
+    import tvm
+    from tvm import relax
+
+    from edgeq.lower.kernels.runner import host_target
+    from edgeq.lower.pipeline import compile_relax
+    from edgeq.lower.relax_import import import_onnx
+    from edgeq.tune import tune_onnx
+
+    result = tune_onnx(layer_norm_onnx, "host", tmp_path / "db", trials=2)
+    assert (result.tasks, result.records, result.measured_on) == (1, 2, "this machine")
+    assert_measured(tmp_path / "db", 2)
+
+    tuned: list[str] = []
+    executable = compile_relax(import_onnx(layer_norm_onnx, batch=1), host_target(2), tuning_db=tmp_path / "db",
+                               tuned=tuned)
+    assert tuned == ["layer_norm"]
+    x = np.random.default_rng(1).standard_normal((1, 50, 64)).astype(np.float32)
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(str(layer_norm_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    untouched: list[str] = []  # a database tuned for other PrimFuncs schedules nothing, and says so
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    @I.ir_module
+    class Add:
+        @R.function
+        def main(x: R.Tensor((4,), "float32")) -> R.Tensor((4,), "float32"):
+            return R.add(x, x)
+
+    compile_relax(Add, host_target(2), tuning_db=tmp_path / "db", tuned=untouched)
+    assert untouched == []
+
+
+def test_tune_measures_on_a_board_through_a_tracker(layer_norm_onnx, tmp_path) -> None:
+    from board_fixtures import RUNTIME_ONLY
+    from edgeq.remote.local import start_rpc_server, start_tracker
+    from edgeq.tune import tune_onnx
+
+    tracker = start_tracker()
+    board = None
+    try:
+        board = start_rpc_server(tracker=tracker.address, key="tune-test", env=RUNTIME_ONLY)
+        result = tune_onnx(layer_norm_onnx, "host", tmp_path / "db", trials=2, tracker=tracker.address,
+                           key="tune-test")
+    finally:
+        if board is not None:
+            board.stop()
+        tracker.stop()
+    assert result.measured_on == tracker.address and result.records == 2
+    assert_measured(tmp_path / "db", 2)
+
+
+def test_tune_command_on_a_board_given_directly(layer_norm_onnx, tmp_path, capsys) -> None:
+    from board_fixtures import RUNTIME_ONLY
+    from edgeq.remote.local import start_rpc_server
+
+    board = start_rpc_server(env=RUNTIME_ONLY)
+    try:
+        code, out, err = run_cli(capsys, "tune", str(layer_norm_onnx), "--target", "host", "--trials", "1",
+                                 "--rpc", board.address, "--out", str(tmp_path / "db"))
+    finally:
+        board.stop()
+    assert code == 0, err
+    assert f"measured on {board.address}" in out and f"--tuning-db {tmp_path / 'db'}" in out
+    assert_measured(tmp_path / "db", 1)
+
+
+def test_tuning_for_an_arm_board_needs_the_board(layer_norm_onnx, tmp_path) -> None:
+    from edgeq.tune import tune_onnx
+
+    with pytest.raises(EdgeqError, match="measures candidates on the board.*--rpc"):
+        tune_onnx(layer_norm_onnx, "rasp4", tmp_path / "db", trials=1)
+    assert not (tmp_path / "db").exists()
+
+
+def test_tune_command_needs_a_target_for_an_onnx_file(layer_norm_onnx, capsys) -> None:
+    code, _, err = run_cli(capsys, "tune", str(layer_norm_onnx))
+    assert code == 2 and "--target is needed" in err
+
+
+def test_build_refuses_a_missing_tuning_database_before_quantizing(tmp_path, capsys) -> None:
+    code, out, err = run_cli(capsys, "build", "--target", "host", "--tuning-db", str(tmp_path / "none"),
+                             "--out", str(tmp_path / "art"))
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "holds no MetaSchedule database" in err and "edgeq tune" in err
+    assert not (tmp_path / "art").exists()
