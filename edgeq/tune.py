@@ -220,13 +220,19 @@ def tune_module(mod, target: str, database: str | os.PathLike, *, trials: int = 
     log = database / LOG_FILE
     with tempfile.TemporaryDirectory(prefix="edgeq-tune-") as logs, _logging_to(log):
         db = ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=logs, max_trials_global=trials,
-                                num_trials_per_iter=min(16, trials), builder=builder, runner=_runner(board),
+                                num_trials_per_iter=_trials_per_round(trials, len(tasks)), builder=builder, runner=_runner(board),
                                 database=ms.database.JSONDatabase(work_dir=str(database)), cost_model="random",
                                 task_scheduler="round-robin")
     records = db.get_all_tuning_records()
     if not any(r.run_secs and float(r.run_secs[0]) < _FAILED_RUN for r in records):
         raise EdgeqError(f"no candidate built and ran on {measured_on}: {_last_error(log)} (log: {log})")
     return TuneResult(database, len(tasks), trials, len(records), measured_on)
+
+
+def _trials_per_round(trials: int, tasks: int) -> int:
+    """Candidates per task and round: round-robin hands out rounds task by task, so rounds of 16 would spend a
+    small budget on the first few tasks and leave the rest untuned; a budget is spread over every task first."""
+    return max(1, min(16, trials // tasks))
 
 
 @contextlib.contextmanager
@@ -247,13 +253,21 @@ def _logging_to(path: Path):
 
 
 def _last_error(log: Path) -> str:
-    """The last exception line MetaSchedule logged (``SomeError: what``)."""
+    """What the last failed candidate logged: its stage and the last line of its error."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return "no log"
-    errors = [ln.strip() for ln in lines if re.match(r"^\s*[A-Za-z_.]*(Error|Exception): ", ln)]
-    return errors[-1] if errors else "no error was logged"
+    stage, detail, collecting = None, None, False
+    for line in lines:
+        found = re.search(r"Error in (building|running):", line)
+        if found:
+            stage, detail, collecting = found.group(1), None, True
+        elif collecting and line.startswith("# from tvm.script"):  # the candidate's program follows the error
+            collecting = False
+        elif collecting and line.strip():
+            detail = line.strip()
+    return f"{stage}: {detail}" if stage else "no error was logged"
 
 
 def _child(spec_path: str) -> int:

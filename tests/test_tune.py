@@ -134,3 +134,17 @@ def test_build_refuses_a_missing_tuning_database_before_quantizing(tmp_path, cap
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "holds no MetaSchedule database" in err and "edgeq tune" in err
     assert not (tmp_path / "art").exists()
+
+
+def test_a_failed_tuning_names_the_last_candidates_error(tmp_path) -> None:
+    from edgeq.tune import _last_error, _trials_per_round
+
+    log = tmp_path / "tuning.log"
+    log.write_text("[Task #0: add] Trial #1: Error in building:\nLocalBuilder: An exception occurred\n"
+                   "RuntimeError: no compiler\n# from tvm.script import ir as I\n@I.ir_module\n"
+                   "[Task #1: take] Trial #1: Error in running:\nLocalRunner: An exception occurred\n"
+                   "Subprocess terminated\n# from tvm.script import ir as I\nclass Module:\n")
+    assert _last_error(log) == "running: Subprocess terminated"
+    assert _last_error(tmp_path / "none.log") == "no log"
+    # a budget reaches every task before any task gets a second round
+    assert (_trials_per_round(192, 95), _trials_per_round(4, 19), _trials_per_round(1000, 10)) == (2, 1, 16)
