@@ -117,8 +117,6 @@ def test_tuned_rebuild_records_its_database_and_reproduces_its_golden_batch(caps
     assert tuning["applied"] and f"tuned schedules for {len(tuning['applied'])} PrimFunc(s)" in out
     inputs, outputs = art.golden()
     np.testing.assert_array_equal(B.HostRunner(art.host_library)(inputs), outputs)
-    # same calibration, same integer program: only schedules changed, and the float ops round the same way
-    np.testing.assert_array_equal(outputs, B.HostRunner(A.load_artifact(host_build).host_library)(inputs))
 
 
 def test_rasp4_build_has_an_aarch64_library_and_a_host_reference(capsys, tmp_path, tiny_model_name, images) -> None:
