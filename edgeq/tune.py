@@ -36,11 +36,11 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from edgeq.errors import EdgeqError
+from edgeq.remote.session import RemoteAddress, resolve_address
 
 __all__ = ["TuneResult", "tune_module", "tune_onnx", "apply_database_pass", "database_exists", "database_digest",
            "tunable_tasks", "default_database"]
@@ -117,12 +117,19 @@ def _register_worker_funcs(target: str) -> None:
     tvm.register_global_func(_EXPORT_FUNC, export, override=True)
 
 
-def _board_rpc_session(board: dict[str, Any], _rpc_config):
-    """Runner worker: the board's ``tvm.rpc`` session, opened as ``edgeq deploy`` opens it (direct or tracker)."""
+def _open_board(board: RemoteAddress, **kwargs):
+    """edgeq's session with the board (its address was resolved once, by :func:`tune_onnx`)."""
     from edgeq.remote.session import connect
 
-    return connect(board.get("rpc"), board.get("tracker"), board.get("key"), default_key=board.get("default_key"),
-                   session_timeout=BOARD_SESSION_TIMEOUT).rpc
+    where = f"{board.host}:{board.port}"
+    if board.via_tracker:
+        return connect(tracker=where, key=board.key, **kwargs)
+    return connect(rpc=where, **kwargs)
+
+
+def _board_rpc_session(board: RemoteAddress, _rpc_config):
+    """Runner worker: the board's ``tvm.rpc`` session, opened as ``edgeq deploy`` opens it (direct or tracker)."""
+    return _open_board(board, session_timeout=BOARD_SESSION_TIMEOUT).rpc
 
 
 def _board_arguments(_session, device, args_info, alloc_repeat: int):
@@ -154,26 +161,22 @@ def tunable_tasks(mod, target):
     return [t for t in tasks if not any(is_scheduled(f) for f in t.dispatched[0].functions.values())]
 
 
-def _runner(board: dict[str, Any] | None):
+def _runner(board: RemoteAddress | None):
     from tvm.s_tir import meta_schedule as ms
 
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
     if board is None:
         return ms.runner.LocalRunner(evaluator_config=evaluator)
-    from edgeq.remote.session import resolve_address
-
-    address = resolve_address(board.get("rpc"), board.get("tracker"), board.get("key"),
-                              default_key=board.get("default_key"))
     # RPCConfig insists on tracker fields even though edgeq's session opener below is what connects (to a
     # tracker or straight to a server); they name the same address
-    config = ms.runner.RPCConfig(tracker_host=address.host, tracker_port=address.port,
-                                 tracker_key=address.key or "direct", session_timeout_sec=BOARD_SESSION_TIMEOUT)
+    config = ms.runner.RPCConfig(tracker_host=board.host, tracker_port=board.port,
+                                 tracker_key=board.key or "direct", session_timeout_sec=BOARD_SESSION_TIMEOUT)
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
                                f_create_session=functools.partial(_board_rpc_session, board),
                                f_alloc_argument=_board_arguments)
 
 
-def _check_measurable(spec, board: dict[str, Any] | None) -> None:
+def _check_measurable(spec, board: RemoteAddress | None) -> None:
     import tvm
 
     if spec.tvm_target().kind.name != "llvm":
@@ -186,9 +189,9 @@ def _check_measurable(spec, board: dict[str, Any] | None) -> None:
 
 
 def tune_module(mod, target: str, database: str | os.PathLike, *, trials: int = 64, seed: int = 0,
-                board: dict[str, Any] | None = None) -> TuneResult:
+                board: RemoteAddress | None = None) -> TuneResult:
     """Tune ``mod``'s generic PrimFuncs for ``target`` (an edgeq target name, tag or JSON) with at most ``trials``
-    measured candidates in all, on this machine or on ``board`` (``{"rpc" | "tracker", "key", "default_key"}``)."""
+    measured candidates in all, on this machine or on ``board``."""
     from tvm.s_tir import meta_schedule as ms
 
     from edgeq.targets import load_target
@@ -201,7 +204,7 @@ def tune_module(mod, target: str, database: str | os.PathLike, *, trials: int = 
     tasks = tunable_tasks(mod, tvm_target)
     database = Path(database)
     database.mkdir(parents=True, exist_ok=True)
-    measured_on = "this machine" if board is None else (board.get("rpc") or board.get("tracker"))
+    measured_on = "this machine" if board is None else board.describe()
     if not tasks:
         ms.database.JSONDatabase(work_dir=str(database))  # an empty, valid database
         return TuneResult(database, 0, 0, 0, measured_on)
@@ -220,7 +223,8 @@ def tune_module(mod, target: str, database: str | os.PathLike, *, trials: int = 
     log = database / LOG_FILE
     with tempfile.TemporaryDirectory(prefix="edgeq-tune-") as logs, _logging_to(log):
         db = ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=logs, max_trials_global=trials,
-                                num_trials_per_iter=_trials_per_round(trials, len(tasks)), builder=builder, runner=_runner(board),
+                                num_trials_per_iter=_trials_per_round(trials, len(tasks)), builder=builder,
+                                runner=_runner(board),
                                 database=ms.database.JSONDatabase(work_dir=str(database)), cost_model="random",
                                 task_scheduler="round-robin")
     records = db.get_all_tuning_records()
@@ -287,7 +291,7 @@ def _child(spec_path: str) -> int:
         mod = lower_integer(mod, load_target(spec["target"]).tvm_target())
     try:
         result = tune_module(mod, spec["target"], spec["database"], trials=spec["trials"], seed=spec["seed"],
-                             board=spec.get("board"))
+                             board=RemoteAddress(**spec["board"]) if spec.get("board") else None)
     except EdgeqError as err:
         print(f"edgeq: error: {err}", file=sys.stderr)
         return 1
@@ -295,13 +299,11 @@ def _child(spec_path: str) -> int:
     return 0
 
 
-def _board_reachable(spec, board: dict[str, Any]) -> None:
+def _board_reachable(spec, board: RemoteAddress) -> None:
     """Open a session once before the long work: an unreachable or wrong board fails in seconds, in one line."""
     from edgeq.errors import ArtifactTargetMismatchError
-    from edgeq.remote.session import connect
 
-    with connect(board.get("rpc"), board.get("tracker"), board.get("key"),
-                 default_key=board.get("default_key")) as session:
+    with _open_board(board) as session:
         info = session.info()
         if info.arch is not None and info.arch != spec.arch:
             raise ArtifactTargetMismatchError(f"tuning is for {spec.name} ({spec.arch}), but the board at "
@@ -321,7 +323,7 @@ def tune_onnx(onnx_path: str | os.PathLike, target: str, database: str | os.Path
         raise EdgeqError(f"no ONNX model at {onnx_path}")
     board = None
     if rpc or tracker:
-        board = {"rpc": rpc, "tracker": tracker, "key": key, "default_key": spec.rpc_key}
+        board = resolve_address(rpc, tracker, key, default_key=spec.rpc_key)
         _board_reachable(spec, board)
     _check_measurable(spec, board)
     database = Path(database)
@@ -329,7 +331,7 @@ def tune_onnx(onnx_path: str | os.PathLike, target: str, database: str | os.Path
         child_spec = Path(tmp) / "spec.json"
         child_spec.write_text(json.dumps({"onnx": str(onnx_path), "target": str(target), "database": str(database),
                                           "trials": int(trials), "integer": integer, "seed": seed,
-                                          "board": board}))
+                                          "board": asdict(board) if board else None}))
         proc = subprocess.run([sys.executable, "-c", "import sys, edgeq.tune as t; sys.exit(t._child(sys.argv[1]))",
                                str(child_spec)], capture_output=True, text=True, timeout=timeout)
     if proc.returncode:

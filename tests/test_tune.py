@@ -25,8 +25,8 @@ def layer_norm_onnx(tmp_path_factory) -> Path:
     gamma = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "gamma")
     beta = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "beta")
     node = helper.make_node("LayerNormalization", ["input", "gamma", "beta"], ["output"], axis=-1, epsilon=1e-6)
-    graph = helper.make_graph([node], "layer_norm", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 50, 64])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 50, 64])], [gamma, beta])
+    tensor = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 50, 64]) for name in ("input", "output")]
+    graph = helper.make_graph([node], "layer_norm", tensor[:1], tensor[1:], [gamma, beta])
     path = tmp_path_factory.mktemp("onnx") / "layer_norm.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return path
@@ -96,7 +96,7 @@ def test_tune_measures_on_a_board_through_a_tracker(layer_norm_onnx, tmp_path) -
         if board is not None:
             board.stop()
         tracker.stop()
-    assert result.measured_on == tracker.address and result.records == 2
+    assert result.measured_on == f"tracker {tracker.address} (key 'tune-test')" and result.records == 2
     assert_measured(tmp_path / "db", 2)
 
 
@@ -111,7 +111,7 @@ def test_tune_command_on_a_board_given_directly(layer_norm_onnx, tmp_path, capsy
     finally:
         board.stop()
     assert code == 0, err
-    assert f"measured on {board.address}" in out and f"--tuning-db {tmp_path / 'db'}" in out
+    assert f"measured on RPC server {board.address}" in out and f"--tuning-db {tmp_path / 'db'}" in out
     assert_measured(tmp_path / "db", 1)
 
 
