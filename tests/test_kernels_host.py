@@ -1,12 +1,20 @@
 """Compiled integer kernels on this machine, bit for bit against the numpy references.
 
-The host family is x86_avx2 on an AVX2 machine (vpmaddwd micro-kernel), otherwise generic; the generic
-family is tested too so both code paths run everywhere.
+Every x86 family is compiled for a named CPU that has that family's features (``FAMILY_CPUS``), not for this
+machine's CPU: LLVM's instruction choices then do not depend on where the tests run (with a VNNI host CPU,
+LLVM fuses the AVX2 kernel's ``vpmaddwd`` + ``vpaddd`` into ``vpdpwssd``). Instruction checks run for every
+family on any machine; results are compared bit for bit for each family this machine can execute, and for
+``generic`` everywhere.
 """
 from __future__ import annotations
 
+import platform
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+import tvm
 
 from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
@@ -16,10 +24,50 @@ from edgeq.lower.kernels.requant import requant_params, requantize_kernel
 from edgeq.lower.kernels.runner import HostKernel, host_target
 
 TARGET = host_target(num_cores=2)
-HOST_FAMILY = select_microkernel(TARGET).family
-FAMILIES = sorted({HOST_FAMILY, "generic"})
-# int4 weights on AVX2 get their own vpmaddubsw micro-kernel (qlinear_kernel picks it without `family`)
-QLINEAR_CASES = [(f, b) for f in FAMILIES for b in (8, 4)] + ([("x86_avx2_u8s8", 4)] if HOST_FAMILY == "x86_avx2" else [])
+X86_HOST = platform.machine().lower() in ("x86_64", "amd64")
+
+# family -> (named CPU it is compiled for, /proc/cpuinfo flags a machine needs to run that code)
+FAMILY_CPUS = {
+    "generic": ("x86-64", ()),
+    "x86_avx2": ("haswell", ("avx2", "fma", "bmi2")),
+    "x86_avx2_u8s8": ("haswell", ("avx2", "fma", "bmi2")),
+    "x86_avx512bw": ("skylake-avx512", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd")),
+    "x86_vnni512": ("cascadelake", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512_vnni")),
+    "x86_vnni256": ("alderlake", ("avx2", "fma", "bmi2", "avx_vnni")),
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    match = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(match.group(1).split()) if match else set()
+
+
+HOST_FLAGS = _cpu_flags()
+
+
+def family_target(family: str) -> tvm.target.Target:
+    """The target ``family`` is compiled for in these tests (this machine's own for generic off x86)."""
+    if not X86_HOST:
+        return family_target(family)
+    cpu, _ = FAMILY_CPUS[family]
+    return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu, "num-cores": 2})
+
+
+def runnable(family: str) -> bool:
+    if not X86_HOST:
+        return family == "generic"
+    return set(FAMILY_CPUS[family][1]) <= HOST_FLAGS
+
+
+RUNNABLE = [f for f in FAMILY_CPUS if runnable(f)]
+# q @ k^T and p @ v run with each GEMM family's attention family (the VNNI ones use x86_avx2)
+FAMILIES = [f for f in ("generic", "x86_avx2") if f in RUNNABLE]
+QLINEAR_CASES = [(f, b) for f in RUNNABLE if f != "x86_avx2_u8s8" for b in (8, 4)] + \
+    [("x86_avx2_u8s8", 4)] * ("x86_avx2_u8s8" in RUNNABLE)
 
 
 def rand(rng, dtype, shape):
@@ -29,7 +77,7 @@ def rand(rng, dtype, shape):
 
 def check_qlinear(family, m, k, n, x_dtype, w_bits, out_dtype, x_zp, out_zp, seed=0):
     rng = np.random.default_rng(seed)
-    kern = qlinear_kernel(m, k, n, TARGET, x_dtype=x_dtype, w_bits=w_bits, out_dtype=out_dtype,
+    kern = qlinear_kernel(m, k, n, family_target(family), x_dtype=x_dtype, w_bits=w_bits, out_dtype=out_dtype,
                           out_zp=out_zp, family=family)
     assert kern.micro.family == family
     x = rand(rng, x_dtype, (m, k))
@@ -38,7 +86,7 @@ def check_qlinear(family, m, k, n, x_dtype, w_bits, out_dtype, x_zp, out_zp, see
     bias = rng.integers(-5000, 5000, n).astype(np.int32)
     mult, shift = ref.quantize_multipliers(rng.uniform(2e-4, 2e-2, n))
     packed = kern.pack(w, bias, x_zp, mult, shift)
-    out = HostKernel(kern.func, kern.name, TARGET)(x, *[packed[p] for p in kern.param_names[1:-1]],
+    out = HostKernel(kern.func, kern.name, family_target(family))(x, *[packed[p] for p in kern.param_names[1:-1]],
                                                   out_shape=(m, n), out_dtype=out_dtype)
     if out_dtype == "int32":
         expect = ref.qlinear_acc(x, x_zp, w, bias)
@@ -89,10 +137,10 @@ def test_qk(family, shape):
     rng = np.random.default_rng(6)
     h, t, s, d = shape
     for q_dtype, k_dtype, q_zp, k_zp in (("int8", "int8", 0, 0), ("uint8", "int8", 131, -4), ("int8", "uint8", 9, 250)):
-        kern = qk_kernel(h, t, s, d, TARGET, q_dtype=q_dtype, k_dtype=k_dtype, q_zp=q_zp, k_zp=k_zp, family=family)
+        kern = qk_kernel(h, t, s, d, family_target(family), q_dtype=q_dtype, k_dtype=k_dtype, q_zp=q_zp, k_zp=k_zp, family=family)
         q = rand(rng, q_dtype, (h, t, d))
         k = rand(rng, k_dtype, (h, s, d))
-        out = HostKernel(kern.func, kern.name, TARGET)(q, k, out_shape=(h, t, s), out_dtype="int32")
+        out = HostKernel(kern.func, kern.name, family_target(family))(q, k, out_shape=(h, t, s), out_dtype="int32")
         np.testing.assert_array_equal(out, ref.qmatmul_qk(q, k, q_zp, k_zp))
 
 
@@ -103,11 +151,11 @@ def test_log2_av(family, shape):
     h, t, s, d = shape
     for v_dtype, v_zp, base_shift, zero_code, top in (("int8", 0, 15, 255, 40), ("uint8", 128, 12, 15, 16),
                                                       ("int8", -3, 0, 7, 9)):
-        kern = log2_av_kernel(h, t, s, d, TARGET, v_dtype=v_dtype, v_zp=v_zp, base_shift=base_shift,
+        kern = log2_av_kernel(h, t, s, d, family_target(family), v_dtype=v_dtype, v_zp=v_zp, base_shift=base_shift,
                               zero_code=zero_code, family=family)
         p = rng.integers(0, top, (h, t, s)).astype(np.uint8)
         v = rand(rng, v_dtype, (h, s, d))
-        out = HostKernel(kern.func, kern.name, TARGET)(p, v, out_shape=(h, t, d), out_dtype="int32")
+        out = HostKernel(kern.func, kern.name, family_target(family))(p, v, out_shape=(h, t, d), out_dtype="int32")
         np.testing.assert_array_equal(out, ref.log2_av(p, v, v_zp, base_shift, zero_code))
 
 
@@ -119,11 +167,11 @@ def test_log2_av_sqrt2_codes(family, shape):
     h, t, s, d = shape
     for v_dtype, v_zp, base_shift, zero_code in (("uint8", 131, 21, 255), ("int8", -128, 14, 255),
                                                  ("uint8", 0, 7, 15)):
-        kern = log2_av_kernel(h, t, s, d, TARGET, v_dtype=v_dtype, v_zp=v_zp, base_shift=base_shift,
+        kern = log2_av_kernel(h, t, s, d, family_target(family), v_dtype=v_dtype, v_zp=v_zp, base_shift=base_shift,
                               zero_code=zero_code, odd_multiplier=53, frac_bits=7, family=family)
         p = np.minimum(rng.geometric(0.05, (h, t, s)) - 1, 255).astype(np.uint8)
         v = rand(rng, v_dtype, (h, s, d))
-        out = HostKernel(kern.func, kern.name, TARGET)(p, v, out_shape=(h, t, d), out_dtype="int32")
+        out = HostKernel(kern.func, kern.name, family_target(family))(p, v, out_shape=(h, t, d), out_dtype="int32")
         np.testing.assert_array_equal(out, ref.log2_av(p, v, v_zp, base_shift, zero_code, 53, 7))
 
 
@@ -142,29 +190,63 @@ def test_log2_av_chunk_tails_and_extremes(family):
     for i, (kw, codes) in enumerate(cases):
         v_dtype, v_zp = ("uint8", 255) if i % 2 else ("int8", -128)  # the widest centered range
         for tiles in ({}, dict(rows=4, s_chunk=16, d_vectors=3)):
-            kern = log2_av_kernel(h, t, s, d, TARGET, v_dtype=v_dtype, v_zp=v_zp, family=family, **kw, **tiles)
+            kern = log2_av_kernel(h, t, s, d, family_target(family), v_dtype=v_dtype, v_zp=v_zp, family=family, **kw, **tiles)
             p = codes.astype(np.uint8)
             v = rand(rng, v_dtype, (h, s, d))
-            out = HostKernel(kern.func, kern.name, TARGET)(p, v, out_shape=(h, t, d), out_dtype="int32")
+            out = HostKernel(kern.func, kern.name, family_target(family))(p, v, out_shape=(h, t, d), out_dtype="int32")
             expect = ref.log2_av(p, v, v_zp, kw["base_shift"], kw["zero_code"], kw.get("odd_multiplier"),
                                  kw.get("frac_bits", 0))
             np.testing.assert_array_equal(out, expect)
 
-def test_host_family_and_instructions():
-    """On an AVX2 host int8 weights use vpmaddwd (exact), int4 weights vpmaddubsw (exact for int4)."""
-    if HOST_FAMILY != "x86_avx2":
-        pytest.skip(f"host family is {HOST_FAMILY}")
-    kern = qlinear_kernel(197, 192, 768, TARGET)
-    asm = HostKernel(kern.func, kern.name, TARGET).asm()
-    assert asm.count("vpmaddwd") >= 12
-    assert "vpmaddubsw" not in asm  # saturates int16 for full-range int8 weights: never used for them
-    kern4 = qlinear_kernel(197, 192, 768, TARGET, w_bits=4)
+# family -> (instruction its GEMM inner loop must use, minimum count at 197x192x768, register width)
+FAMILY_INSTRUCTIONS = {
+    "x86_avx2": ("vpmaddwd", 12, "ymm"),
+    "x86_avx512bw": ("vpmaddwd", 16, "zmm"),
+    "x86_vnni512": ("vpdpbusd", 24, "zmm"),
+    "x86_vnni256": ("vpdpbusd", 12, "ymm"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_INSTRUCTIONS))
+def test_x86_family_selection_and_instructions(family):
+    """Each x86 family is what its CPU selects, and its int8 and int4 kernels use its instruction.
+
+    Compiled for a named CPU: runs the same on any build machine, whatever its own ISA."""
+    if not X86_HOST:
+        pytest.skip("x86 code generation is checked on x86 build machines")
+    target = family_target(family)
+    assert select_microkernel(target).family == family
+    instruction, at_least, register = FAMILY_INSTRUCTIONS[family]
+    for w_bits in (8, 4):
+        kern = qlinear_kernel(197, 192, 768, target, w_bits=w_bits, family=family)
+        asm = HostKernel(kern.func, kern.name, target).asm()
+        used = re.findall(rf"\b{instruction}\s+%(\w+), %(\w+), %(\w+)", asm)
+        assert len(used) >= at_least, (w_bits, len(used))
+        assert all(reg.startswith(register) for ops in used for reg in ops)
+        # vpmaddubsw saturates int16 pair sums for full-range int8 weights; vpdpbusds saturates the accumulator
+        assert "vpmaddubsw" not in asm and "vpdpbusds" not in asm
+
+
+def test_avx2_int4_weights_use_u8s8():
+    """AVX2 without VNNI: int4 weights get the vpmaddubsw kernel (exact for int4), int8 ones never do."""
+    target = family_target("x86_avx2")
+    kern4 = qlinear_kernel(197, 192, 768, target, w_bits=4)
     assert kern4.micro.family == "x86_avx2_u8s8"
-    assert HostKernel(kern4.func, kern4.name, TARGET).asm().count("vpmaddubsw") >= 16
+    if X86_HOST:
+        assert HostKernel(kern4.func, kern4.name, target).asm().count("vpmaddubsw") >= 16
     with pytest.raises(ValueError):
-        qlinear_kernel(8, 8, 8, TARGET, w_bits=8, family="x86_avx2_u8s8")
+        qlinear_kernel(8, 8, 8, target, w_bits=8, family="x86_avx2_u8s8")
     with pytest.raises(ValueError):
-        qk_kernel(1, 4, 4, 8, TARGET, family="x86_avx2_u8s8")
+        qk_kernel(1, 4, 4, 8, target, family="x86_avx2_u8s8")
+
+
+def test_vnni_and_avx512_targets_run_attention_with_int16_lanes():
+    for family in ("x86_vnni512", "x86_vnni256", "x86_avx512bw"):
+        target = family_target(family)
+        assert qk_kernel(1, 4, 4, 8, target).micro.family == "x86_avx2"
+        assert log2_av_kernel(1, 4, 4, 8, target).micro.family == "x86_avx2"
+    with pytest.raises(ValueError):
+        qk_kernel(1, 4, 4, 8, family_target("x86_vnni512"), family="x86_vnni512")
 
 
 def test_pack_rejects_bad_inputs():
@@ -203,9 +285,9 @@ def test_qk_shifted_last_panel(family, shape):
     rng = np.random.default_rng(11)
     h, t, s, d = shape
     for q_dtype, k_dtype, q_zp, k_zp in (("int8", "int8", 0, 0), ("uint8", "uint8", 131, 120)):
-        kern = qk_kernel(h, t, s, d, TARGET, q_dtype=q_dtype, k_dtype=k_dtype, q_zp=q_zp, k_zp=k_zp, family=family)
+        kern = qk_kernel(h, t, s, d, family_target(family), q_dtype=q_dtype, k_dtype=k_dtype, q_zp=q_zp, k_zp=k_zp, family=family)
         assert s > kern.micro.nb and s % kern.micro.nb
         q = rand(rng, q_dtype, (h, t, d))
         k = rand(rng, k_dtype, (h, s, d))
-        out = HostKernel(kern.func, kern.name, TARGET)(q, k, out_shape=(h, t, s), out_dtype="int32")
+        out = HostKernel(kern.func, kern.name, family_target(family))(q, k, out_shape=(h, t, s), out_dtype="int32")
         np.testing.assert_array_equal(out, ref.qmatmul_qk(q, k, q_zp, k_zp))

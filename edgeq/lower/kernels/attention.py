@@ -30,7 +30,7 @@ from tvm.script import tirx as T
 from tvm.s_tir import Schedule
 
 from . import reference as ref
-from .micro import Microkernel, as_target, ceil_div, select_microkernel
+from .micro import Microkernel, as_target, ceil_div, select_attention_microkernel
 from .qlinear import lanes, pack_group, parallel, root_blocks, signed_value, step_expr, vectorize
 
 __all__ = ["AttentionKernel", "qk_kernel", "log2_av_kernel"]
@@ -62,7 +62,7 @@ def qk_kernel(h: int, t: int, s: int, d: int, target, *, q_dtype: str = "int8", 
         if not info.min <= zp <= info.max:
             raise ValueError(f"{what}_zp {zp} outside {dt}")
     tgt = as_target(target)
-    micro = select_microkernel(tgt, family)
+    micro = select_attention_microkernel(tgt, family)
     if micro.act_unsigned or micro.ksub > 1:
         raise ValueError(f"family {micro.family} is for int4 weights; q @ k^T needs a signed int8 micro-kernel")
     func = _qk_func(h, t, s, d, micro, q_dtype, k_dtype, _zp_eff(q_zp, q_dtype), _zp_eff(k_zp, k_dtype))
@@ -316,7 +316,7 @@ def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "in
         ref.check_log2_sqrt2(base_shift, odd_multiplier, frac_bits)
         sqrt2 = (int(odd_multiplier), int(frac_bits))
     tgt = as_target(target)
-    micro = select_microkernel(tgt, family)
+    micro = select_attention_microkernel(tgt, family)
     if micro.family == "cuda":
         func = _schedule_av_gpu(_log2_av_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, sqrt2))
     else:

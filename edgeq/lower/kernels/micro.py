@@ -13,6 +13,10 @@ All GEMM-like kernels here share one structure (see :mod:`edgeq.lower.kernels.ql
   ============  ==  ==  =====  ==========================================================================
   family        kg  vl  lane   instruction pattern
   ============  ==  ==  =====  ==========================================================================
+  x86_vnni512   4   16  int8   ``vpbroadcastd`` of 4 uint8 activations (x + 128), ``vpdpbusd`` zmm
+                                (uint8 x int8 dot of 4 added to int32, no int16 stage, no saturation)
+  x86_vnni256   4   8   int8   the same on ymm (AVX-VNNI without AVX-512)
+  x86_avx512bw  2   16  int16  as x86_avx2 on zmm (``vpmaddwd`` 512-bit)
   x86_avx2      2   8   int16  ``vpbroadcastd`` of a (x[k], x[k+1]) int16 pair, ``vpmaddwd``, ``vpaddd``
   arm_neon      2   4   int8   ``dup`` of the (x[k], x[k+1]) int8 pair, ``smull`` (8x int16) and
                                 ``sadalp`` (pairwise widening accumulate into 4x int32)
@@ -30,7 +34,11 @@ All GEMM-like kernels here share one structure (see :mod:`edgeq.lower.kernels.ql
 The family comes from the TVM target (:func:`select_microkernel`): ``kind`` cuda -> ``cuda``;
 an aarch64 ``mtriple`` -> ``arm_dotprod`` when LLVM reports the ``dotprod`` feature for the target's
 ``mcpu``/``mattr`` (e.g. ``"mattr": ["+neon", "+dotprod"]`` or ``"mcpu": "cortex-a76"``), else
-``arm_neon`` (Cortex-A72); x86 with AVX2 -> ``x86_avx2``; anything else -> ``generic``.
+``arm_neon`` (Cortex-A72); x86 by the LLVM features of the target's ``mcpu``/``mattr``, widest first
+(:data:`X86_FAMILY_FEATURES`): AVX-512 VNNI -> ``x86_vnni512``, AVX-VNNI -> ``x86_vnni256``, AVX-512BW ->
+``x86_avx512bw``, AVX2 -> ``x86_avx2``; anything else -> ``generic``. q @ k^T and p @ v use a family's
+``attention_family`` (:func:`select_attention_microkernel`): their operands both carry zero points, which the
+int16-lane kernels fold into the packed values.
 """
 from __future__ import annotations
 
@@ -40,7 +48,8 @@ import numpy as np
 import tvm
 from tvm import tirx
 
-__all__ = ["Microkernel", "MICROKERNELS", "as_target", "select_microkernel", "pack_weight_panels"]
+__all__ = ["Microkernel", "MICROKERNELS", "as_target", "select_microkernel", "select_attention_microkernel",
+           "pack_weight_panels"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class Microkernel:
     a_dtype: str  # dtype of a packed activation (sub)group
     ksub: int = 1  # activation scalars per step (each holds kg // ksub elements)
     act_unsigned: bool = False  # activations enter as uint8 (x + 128 for int8) instead of int8
+    attention_family: str | None = None  # the family q @ k^T and p @ v use instead (None: this one)
 
     @property
     def sub_kg(self) -> int:
@@ -99,9 +109,15 @@ class Microkernel:
             return acc + tirx.call_llvm_pure_intrin(f"int32x{vl}", "llvm.x86.avx2.pmadd.wd", acc16, ones)
         if isinstance(a, (list, tuple)):
             (a,) = a
-        if self.family == "x86_avx2":
+        if self.family in ("x86_avx2", "x86_avx512bw"):
             av = tirx.reinterpret(f"int16x{2 * vl}", tirx.Broadcast(a, vl))
-            return acc + tirx.call_llvm_pure_intrin(f"int32x{vl}", "llvm.x86.avx2.pmadd.wd", av, w)
+            intrin = "llvm.x86.avx2.pmadd.wd" if vl == 8 else "llvm.x86.avx512.pmaddw.d.512"
+            return acc + tirx.call_llvm_pure_intrin(f"int32x{vl}", intrin, av, w)
+        if self.family in ("x86_vnni512", "x86_vnni256"):
+            # vpdpbusd: per int32 lane, 4 uint8 activations times 4 int8 weights added to the accumulator
+            # without saturation (|sum| <= 4 * 255 * 128): exact for every int8/int4 weight
+            av = tirx.reinterpret(f"int8x{4 * vl}", tirx.Broadcast(a, vl))
+            return tirx.call_llvm_pure_intrin(f"int32x{vl}", f"llvm.x86.avx512.vpdpbusd.{32 * vl}", acc, av, w)
         if self.family == "arm_neon":
             av = tirx.reinterpret("int8x8", tirx.Broadcast(a, 4))
             prod = tirx.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16", av, w)
@@ -119,6 +135,12 @@ MICROKERNELS: dict[str, Microkernel] = {
     # int4 weights only (chosen by qlinear_kernel for w_bits=4 on AVX2): see Microkernel.step
     "x86_avx2_u8s8": Microkernel("x86_avx2_u8s8", kg=16, vl=8, nb=16, mr=6, lane_dtype="int8", lane_bits=8,
                                  a_dtype="int32", ksub=4, act_unsigned=True),
+    "x86_avx512bw": Microkernel("x86_avx512bw", kg=2, vl=16, nb=32, mr=8, lane_dtype="int16", lane_bits=16,
+                                a_dtype="int32", attention_family="x86_avx2"),
+    "x86_vnni512": Microkernel("x86_vnni512", kg=4, vl=16, nb=64, mr=6, lane_dtype="int8", lane_bits=8,
+                               a_dtype="int32", act_unsigned=True, attention_family="x86_avx2"),
+    "x86_vnni256": Microkernel("x86_vnni256", kg=4, vl=8, nb=16, mr=6, lane_dtype="int8", lane_bits=8,
+                               a_dtype="int32", act_unsigned=True, attention_family="x86_avx2"),
     "arm_neon": Microkernel("arm_neon", kg=2, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int16"),
     "arm_dotprod": Microkernel("arm_dotprod", kg=4, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int32"),
     "generic": Microkernel("generic", kg=1, vl=8, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int8"),
@@ -155,9 +177,32 @@ def select_microkernel(target, family: str | None = None) -> Microkernel:
     triple = str(tgt.attrs.get("mtriple", "") or tvm.target.codegen.llvm_get_system_triple())
     if triple.startswith(("aarch64", "arm64")):
         return MICROKERNELS["arm_dotprod" if _has_feature(tgt, "dotprod") else "arm_neon"]
-    if triple.startswith(("x86_64", "i686", "i386")) and _has_feature(tgt, "avx2"):
-        return MICROKERNELS["x86_avx2"]
+    if triple.startswith(("x86_64", "i686", "i386")):
+        for family, features in X86_FAMILY_FEATURES:
+            if all(_has_feature(tgt, f) for f in features):
+                return MICROKERNELS[family]
     return MICROKERNELS["generic"]
+
+
+# x86 families from the widest exact integer dot product down; the first whose LLVM features the target has wins
+X86_FAMILY_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("x86_vnni512", ("avx512vnni", "avx512bw")),
+    ("x86_vnni256", ("avxvnni",)),
+    ("x86_avx512bw", ("avx512bw",)),
+    ("x86_avx2", ("avx2",)),
+)
+
+
+def select_attention_microkernel(target, family: str | None = None) -> Microkernel:
+    """The micro-kernel for q @ k^T and p @ v: the GEMM family's ``attention_family`` unless ``family`` is given.
+
+    Both operands there are activations with zero points, which the VNNI (uint8 x int8) kernels cannot take
+    exactly in one pass; those targets run attention with the int16-lane family instead.
+    """
+    micro = select_microkernel(target, family)
+    if family is None and micro.attention_family:
+        return MICROKERNELS[micro.attention_family]
+    return micro
 
 
 def ceil_div(a: int, b: int) -> int:
