@@ -101,6 +101,11 @@ def test_weight_panels_layout():
     p = pack_weight_panels(w, micro, 8)
     assert p.shape == (1, 4, 32)
     assert p[0, 1, 2 * 3 + 1] == w[3, 3] and p[0, 3, 2 * 4 + 1] == 0  # k = 7 is padding
-    p4 = pack_weight_panels(np.clip(w, -8, 7) - 4, micro, 4)
-    assert p4.shape == (1, 4, 16)
-    assert np.array_equal(ref.unpack_int4(p4[0].T[:5], 7), np.clip(w, -8, 7) - 4)
+    w4 = np.clip(w, -8, 7) - 4
+    p4 = pack_weight_panels(w4, micro, 4)
+    assert p4.shape == (1, 4, 16) and p4.dtype == np.uint8
+    # byte i: lane i in the low nibble, lane i + 16 in the high one (two's complement)
+    low = (p4.astype(np.int8) << 4) >> 4
+    high = p4.astype(np.int8) >> 4
+    assert np.array_equal(np.concatenate([low, high], axis=-1), pack_weight_panels(w4, micro, 8))
+    assert p4[0, 1, 3] & 0xF == w4[1, 3] & 0xF and p4[0, 1, 3] >> 4 == 0  # lane 19 is channel 9: padding

@@ -212,29 +212,27 @@ def ceil_div(a: int, b: int) -> int:
 def pack_weight_panels(w8: np.ndarray, micro: Microkernel, w_bits: int) -> np.ndarray:
     """Build-time weight layout for ``micro`` from int8 weights [N, K] (int4 values in [-8, 7] for w_bits=4).
 
-    int8: ``int8 [ceil(N/nb), ceil(K/kg), nb*kg]``, lane ``n_l*kg + t`` = ``w[nb_i*nb + n_l, g*kg + t]``.
-    int4: ``uint8 [ceil(N/nb), ceil(K/2), nb]``, byte ``[nb_i, j, n_l]`` holds ``w[n, 2j]`` in the low and
-    ``w[n, 2j+1]`` in the high nibble (two's complement), unpacked into int8/int16 panels inside the kernel.
-    Padding is zero.
+    int8: ``int8 [ceil(N/nb), ceil(K/kg), nb*kg]``, lane ``l`` of a panel row = ``w[nb_i*nb + n, g*kg + t]``
+    with ``(n, t) = micro.lane_nk(l)``.
+    int4: the same lanes two per byte, ``uint8 [ceil(N/nb), ceil(K/kg), nb*kg/2]``: byte ``i`` holds lane ``i``
+    in its low and lane ``i + nb*kg/2`` in its high nibble (two's complement), so the kernel unpacks a panel
+    row with two contiguous vector passes (low nibbles, then high ones) and no gather. Padding is zero.
     """
     w8 = np.asarray(w8, dtype=np.int8)
+    if w_bits not in (4, 8):
+        raise ValueError(f"w_bits must be 4 or 8, not {w_bits}")
+    if w_bits == 4 and w8.size and (w8.min() < -8 or w8.max() > 7):
+        raise ValueError("int4 weights must lie in [-8, 7]")
     n, k = w8.shape
     nb, kg = micro.nb, micro.kg
-    nblk = ceil_div(n, nb)
+    nblk, kgr = ceil_div(n, nb), ceil_div(k, kg)
+    pad = np.zeros((nblk * nb, kgr * kg), dtype=np.int8)
+    pad[:n, :k] = w8
+    blocks = pad.reshape(nblk, nb, kgr, kg).transpose(0, 2, 1, 3)  # [nblk, kgr, n_local, k_local]
+    n_idx, k_idx = micro.lane_nk(np.arange(nb * kg))
+    lanes = np.ascontiguousarray(blocks[:, :, n_idx, k_idx])
     if w_bits == 8:
-        kgr = ceil_div(k, kg)
-        pad = np.zeros((nblk * nb, kgr * kg), dtype=np.int8)
-        pad[:n, :k] = w8
-        blocks = pad.reshape(nblk, nb, kgr, kg).transpose(0, 2, 1, 3)  # [nblk, kgr, n_local, k_local]
-        n_idx, k_idx = micro.lane_nk(np.arange(nb * kg))
-        return np.ascontiguousarray(blocks[:, :, n_idx, k_idx])
-    if w_bits == 4:
-        if w8.size and (w8.min() < -8 or w8.max() > 7):
-            raise ValueError("int4 weights must lie in [-8, 7]")
-        k2 = ceil_div(k, 2)
-        pad = np.zeros((nblk * nb, 2 * k2), dtype=np.int16)
-        pad[:n, :k] = w8
-        nib = (pad & 0xF).astype(np.uint8)
-        byte = nib[:, 0::2] | (nib[:, 1::2] << 4)  # [Np, k2]
-        return np.ascontiguousarray(byte.reshape(nblk, nb, k2).transpose(0, 2, 1))
-    raise ValueError(f"w_bits must be 4 or 8, not {w_bits}")
+        return lanes
+    half = nb * kg // 2
+    nibbles = lanes.view(np.uint8) & 0xF
+    return np.ascontiguousarray(nibbles[..., :half] | (nibbles[..., half:] << 4))

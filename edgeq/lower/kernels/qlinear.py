@@ -185,7 +185,7 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
     if micro.family == "cuda":
         func = _schedule_gpu(func, micro)
     else:
-        func = _schedule_cpu(func, micro, num_tasks or _default_tasks(tgt), k_unroll)
+        func = _schedule_cpu(func, micro, num_tasks or _default_tasks(tgt), k_unroll, w_bits)
     # every build parameter is in the name: the Relax glue adds one PrimFunc per distinct name
     out_tag = "int32" if out_dtype == "int32" else f"{out_dtype}b{out_bits}z{out_zp}".replace("-", "m")
     tile = f"_t{micro.mr}x{micro.nb}" if (mr or nb or k_unroll != 1) else ""
@@ -208,9 +208,8 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
     LW = nb * kg  # lanes of one panel row (one k-group, nb channels)
     J = nb // vl
     LV = vl * kg  # weight lanes read by one step
-    K2 = ceil_div(K, 2)
     a_dtype, lane_dtype = micro.a_dtype, micro.lane_dtype
-    w_shape = (NBLK, KG, LW) if w_bits == 8 else (NBLK, K2, nb)
+    w_shape = (NBLK, KG, LW) if w_bits == 8 else (NBLK, KG, LW // 2)
     w_dtype = "int8" if w_bits == 8 else "uint8"
     needs_panel = w_bits == 4 or lane_dtype != "int8"
     requant = out_dtype != "int32"
@@ -230,10 +229,8 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
     def panel_value(Wp, vb, vg, vl_):
         if w_bits == 8:
             return tirx.Cast(lane_dtype, Wp[vb, vg, vl_])
-        n_local, k_local = micro.lane_nk(vl_)
-        kk = vg * kg + k_local
-        byte = Wp[vb, tirx.min(tirx.floordiv(kk, 2), K2 - 1), n_local]
-        return tirx.Cast(lane_dtype, tirx.if_then_else(kk < K, nibble(byte, tirx.floormod(kk, 2)), 0))
+        half = LW // 2  # byte i holds lane i (low nibble) and lane i + half (high nibble)
+        return tirx.Cast(lane_dtype, nibble(Wp[vb, vg, tirx.floormod(vl_, half)], tirx.floordiv(vl_, half)))
 
     def step(acc, A, vm, vg, w):
         a = [A[vm, vg * ksub + i] for i in range(ksub)] if ksub > 1 else A[vm, vg]
@@ -341,7 +338,8 @@ def parallel(sch: Schedule, loop) -> None:
         sch.parallel(loop)
 
 
-def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unroll: int = 1) -> tirx.PrimFunc:
+def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unroll: int = 1,
+                  w_bits: int = 8) -> tirx.PrimFunc:
     sch = Schedule(func)
     blocks = root_blocks(sch)
     b_a, b_c, b_o, b_p = blocks["A"], blocks["C"], blocks["O"], blocks.get("P")
@@ -362,8 +360,10 @@ def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unr
     sch.reverse_compute_at(b_o, mo_i)
     if b_p is not None:
         sch.compute_at(b_p, task)
-        p_loops = sch.get_loops(b_p)
-        vectorize(sch, p_loops[-1])
+        lane_loop = sch.get_loops(b_p)[-1]
+        if w_bits == 4:  # low nibbles of a panel row, then high ones: two contiguous passes
+            _, lane_loop = sch.split(lane_loop, [2, None])
+        vectorize(sch, lane_loop)
     sch.decompose_reduction(b_c, g)
     if k_unroll > 1 and int(sch.get(g).extent) % k_unroll == 0:
         _, g_in = sch.split(g, [None, k_unroll])
