@@ -64,8 +64,8 @@ def runnable(family: str) -> bool:
 
 
 RUNNABLE = [f for f in FAMILY_CPUS if runnable(f)]
-# q @ k^T and p @ v run with each GEMM family's attention family (the VNNI ones use x86_avx2)
-FAMILIES = [f for f in ("generic", "x86_avx2") if f in RUNNABLE]
+# q @ k^T and p @ v run with each GEMM family's attention family (the VNNI ones use int16 lanes)
+FAMILIES = [f for f in ("generic", "x86_avx2", "x86_avx512bw") if f in RUNNABLE]
 QLINEAR_CASES = [(f, b) for f in RUNNABLE if f != "x86_avx2_u8s8" for b in (8, 4)] + \
     [("x86_avx2_u8s8", 4)] * ("x86_avx2_u8s8" in RUNNABLE)
 
@@ -240,11 +240,12 @@ def test_avx2_int4_weights_use_u8s8():
         qk_kernel(1, 4, 4, 8, target, family="x86_avx2_u8s8")
 
 
-def test_vnni_and_avx512_targets_run_attention_with_int16_lanes():
-    for family in ("x86_vnni512", "x86_vnni256", "x86_avx512bw"):
+def test_vnni_targets_run_attention_with_int16_lanes():
+    for family, attention in (("x86_vnni512", "x86_avx512bw"), ("x86_vnni256", "x86_avx2"),
+                              ("x86_avx512bw", "x86_avx512bw")):
         target = family_target(family)
-        assert qk_kernel(1, 4, 4, 8, target).micro.family == "x86_avx2"
-        assert log2_av_kernel(1, 4, 4, 8, target).micro.family == "x86_avx2"
+        assert qk_kernel(1, 4, 4, 8, target).micro.family == attention
+        assert log2_av_kernel(1, 4, 4, 8, target).micro.family == attention
     with pytest.raises(ValueError):
         qk_kernel(1, 4, 4, 8, family_target("x86_vnni512"), family="x86_vnni512")
 
@@ -284,6 +285,8 @@ def test_qk_shifted_last_panel(family, shape):
     before it); odd D keeps the k padding in the same panels."""
     rng = np.random.default_rng(11)
     h, t, s, d = shape
+    nb = qk_kernel(1, 1, 1, 1, family_target(family), family=family).micro.nb
+    s = nb * (s // 16) + s % 16  # the shapes are written for 16-key panels
     for q_dtype, k_dtype, q_zp, k_zp in (("int8", "int8", 0, 0), ("uint8", "uint8", 131, 120)):
         kern = qk_kernel(h, t, s, d, family_target(family), q_dtype=q_dtype, k_dtype=k_dtype, q_zp=q_zp, k_zp=k_zp, family=family)
         assert s > kern.micro.nb and s % kern.micro.nb

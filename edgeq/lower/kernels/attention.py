@@ -320,9 +320,10 @@ def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "in
     if micro.family == "cuda":
         func = _schedule_av_gpu(_log2_av_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, sqrt2))
     else:
-        vl = {"x86_avx2": 8, "arm_neon": 4, "arm_dotprod": 4}.get(micro.family, 8)
-        # accumulator vectors in registers: 8 of AVX2's 16 ymm, 16 of NEON's 32 q (the rest: temporaries)
-        budget = 16 if micro.family in ("arm_neon", "arm_dotprod") else 8
+        vl = {"x86_avx512bw": 16, "x86_avx2": 8, "arm_neon": 4, "arm_dotprod": 4}.get(micro.family, 8)
+        # accumulator vectors in registers: 8 of AVX2's 16 ymm, 16 of AVX-512's 32 zmm or NEON's 32 q (the
+        # rest: temporaries)
+        budget = 16 if micro.family in ("arm_neon", "arm_dotprod", "x86_avx512bw") else 8
         dv = ceil_div(d, vl)
         d_vectors = d_vectors or ceil_div(dv, ceil_div(dv, budget))   # equal chunks of D, none over budget
         rows = min(rows or 16, t)
