@@ -11,6 +11,7 @@
 #   qemu-user                                       qemu-aarch64, which runs the emulated board
 #   file                                            tells which architecture a library is for
 #   debian-archive-keyring                          verifies the arm64 packages fetched for the emulated board
+#   llvm                                            llvm-mca, which predicts the ARM kernels' cycles (bench/arm_mca.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,7 @@ PACKAGES=(
   gcc-aarch64-linux-gnu libc6-dev-arm64-cross
   gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
   qemu-user file debian-archive-keyring
+  llvm
 )
 
 if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
