@@ -61,6 +61,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_lines  # noqa: E402  (bench/machine.py, beside this script)
 
 CORE_ATTRS = {"cortex-a72": ["+neon"], "cortex-a76": ["+neon", "+dotprod"]}
 # weight bits, activation bits (activations are int8 values; a4 needs a kernel parameter for it)
@@ -306,24 +308,11 @@ def kernel_asm(case: str, core: str, family: str | None) -> tuple[str, str]:
 # report
 
 
-def machine_lines(tool: str) -> list[str]:
+def machine_and_tool_lines(tool: str) -> list[str]:
     """This machine's CPU model and SIMD flags, and the llvm-mca version: where and with what a prediction ran."""
-    model, flags = "unknown", []
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key == "model name" and model == "unknown":
-            model = value.strip()
-        if key in ("flags", "features") and not flags:
-            flags = [f for f in value.split() if any(s in f for s in ("avx", "vnni", "neon", "asimd"))]
     version = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False).stdout
     version_line = next((line.strip() for line in version.splitlines() if "version" in line.lower()), "unknown")
-    return [f"cpu: {model}", f"isa flags: {' '.join(flags) or 'none of avx/vnni/neon/asimd'}",
-            f"llvm-mca: {tool} ({version_line})"]
+    return machine_lines() + [f"llvm-mca: {tool} ({version_line})"]
 
 
 def measure(cases: list[str], cores: list[str], family: str | None, tool: str, log) -> list[dict]:
@@ -393,7 +382,7 @@ def main(argv=None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    machine = machine_lines(tool)
+    machine = machine_and_tool_lines(tool)
     print("\n".join(machine))
     print(f"qlinear {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}, int8 activations; llvm-mca -iterations="
           f"{ITERATIONS} on the GEMM micro-kernel's hot loop (a prediction, not a board measurement)")

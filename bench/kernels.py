@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
                     help="thread: CPU time of the calling thread (needs --threads 1; robust on a loaded machine)")
     args = ap.parse_args(argv)
+    from machine import print_machine  # bench/machine.py: python puts this script's folder on sys.path
+
+    print_machine()
     if args.clock == "thread" and args.threads != 1:
         ap.error("--clock thread measures the calling thread only: use it with --threads 1")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter

@@ -292,6 +292,9 @@ def main(argv=None) -> int:
     if args.repeat < 1 or args.threads < 1 or args.calib < 4:
         ap.error("--repeat and --threads must be >= 1, --calib >= 4")
     _set_threads(args.threads)
+    from machine import print_machine  # bench/machine.py: python puts this script's folder on sys.path
+
+    print_machine()
     sys.path.insert(0, str(ROOT))
     import warnings
 

@@ -35,6 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import print_machine  # noqa: E402  (bench/machine.py, beside this script)
 os.environ.setdefault("EDGEQ_DATA", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
@@ -100,6 +101,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    print_machine()
     torch.set_num_threads(args.threads)
     import tvm
     from tvm import relax

@@ -33,6 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import print_machine  # noqa: E402  (bench/machine.py, beside this script)
 os.environ.setdefault("EDGEQ_DATA", str(REPO.parent / "shared" / "data"))
 
 from ptq_accuracy import model_and_data_arguments, top1  # noqa: E402  (bench/ is on sys.path when this script runs)
@@ -200,6 +201,7 @@ def write_outputs(results: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     args = parse_args()
+    print_machine()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import print_machine  # noqa: E402  (bench/machine.py, beside this script)
 os.environ.setdefault("EDGEQ_DATA", str(REPO.parent / "shared" / "data"))
 
 from edgeq.data import data_config  # noqa: E402
@@ -157,6 +158,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     args = parse_args()
+    print_machine()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = [run_model(name, args) for name in args.models]
