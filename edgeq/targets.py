@@ -400,6 +400,11 @@ def _fill_native(config: dict[str, Any], where: str) -> dict[str, Any]:
         from tvm.target import codegen
 
         config["mcpu"] = str(codegen.llvm_get_system_cpu())
+        from edgeq.lower.kernels.micro import host_mattr
+
+        extra = [f for f in host_mattr(config["mcpu"]) if f not in config.get("mattr", [])]
+        if extra:
+            config["mattr"] = list(config.get("mattr", [])) + extra
     if config.get("num-cores") == "auto":
         config["num-cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return config

@@ -168,3 +168,15 @@ def test_relax_call_tir_demo_runs_on_the_vm():
     assert "call_tir" in mod.script()
     assert run_demo(host_target(2))
     assert run_demo({"kind": "llvm"}, m=20, k=48, n=40)  # generic family, default llvm target
+
+
+def test_host_mattr_adds_the_cpu_flags_llvm_model_lacks():
+    """A hypervisor can report an older CPU model: the family-deciding flags come from /proc/cpuinfo."""
+    from edgeq.lower.kernels.micro import host_mattr
+
+    cpuinfo = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx_vnni\n"
+    assert host_mattr("haswell", cpuinfo) == ["+avx512f", "+avx512bw", "+avxvnni"]
+    assert host_mattr("cascadelake", "flags : avx2 fma avx512f avx512bw avx512_vnni\n") == []
+    assert host_mattr("haswell", "no flags line\n") == []
+    widened = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "mattr": host_mattr("haswell", cpuinfo)}
+    assert select_microkernel(widened).family == "x86_vnni256"

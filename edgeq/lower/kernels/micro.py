@@ -205,6 +205,36 @@ def select_attention_microkernel(target, family: str | None = None) -> Microkern
     return micro
 
 
+# /proc/cpuinfo flag -> LLVM feature, for the features that choose a kernel family (and what they build on)
+_CPUINFO_LLVM_FEATURES = {
+    "avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
+    "avx512dq": "avx512dq", "avx512cd": "avx512cd", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni",
+}
+
+
+def host_mattr(mcpu: str, cpuinfo: str | None = None) -> list[str]:
+    """``+feature`` entries this machine's CPU has (``/proc/cpuinfo``) but LLVM's model of ``mcpu`` lacks.
+
+    LLVM names a CPU by its family and model, which a hypervisor may report as an older part (a Xeon with
+    AVX-VNNI seen as "rocketlake"); the flags the kernel families depend on then come from the CPU itself.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            break
+    model = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    return [f"+{feature}" for flag, feature in _CPUINFO_LLVM_FEATURES.items()
+            if flag in flags and not _has_feature(model, feature)]
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

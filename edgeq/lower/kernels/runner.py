@@ -4,15 +4,19 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
-from .micro import as_target
+from .micro import as_target, host_mattr
 
 __all__ = ["host_target", "HostKernel"]
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
-    """An llvm Target for this machine with its CPU named (``-mcpu=native`` is ignored by TVM 0.27)."""
+    """An llvm Target for this machine with its CPU named (``-mcpu=native`` is ignored by TVM 0.27) and the
+    features LLVM's model of that CPU misses added (:func:`host_mattr`)."""
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     cfg = {"kind": "llvm", "mcpu": cpu}
+    mattr = host_mattr(cpu)
+    if mattr:
+        cfg["mattr"] = mattr
     if num_cores:
         cfg["num-cores"] = int(num_cores)
     try:
