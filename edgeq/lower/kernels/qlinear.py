@@ -177,8 +177,9 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
         micro = MICROKERNELS["x86_avx2_u8s8"]
     if micro.family == "x86_avx2_u8s8" and w_bits != 4:
         raise ValueError("the x86_avx2_u8s8 micro-kernel is exact for int4 weights only")
-    if mr or nb:
-        micro = dataclasses.replace(micro, mr=mr or micro.mr, nb=nb or micro.nb)
+    panel = nb or _panel_width(n, micro)
+    if mr or panel != micro.nb:
+        micro = dataclasses.replace(micro, mr=mr or micro.mr, nb=panel)
     if micro.nb % micro.vl:
         raise ValueError(f"nb={micro.nb} must be a multiple of the vector length {micro.vl}")
     func = _qlinear_func(m, k, n, micro, x_dtype, w_bits, out_dtype, out_bits, out_zp)
@@ -193,6 +194,15 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
     func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
     params = ("x", "w", "bias") + (() if out_dtype == "int32" else ("requant",)) + ("out",)
     return QLinearKernel(func, name, m, k, n, x_dtype, w_bits, out_dtype, out_bits, out_zp, micro, params)
+
+
+def _panel_width(n: int, micro: Microkernel) -> int:
+    """The widest panel (a multiple of the vector length, at most ``micro.nb``) that pads ``n`` channels least.
+
+    Wide panels (64 channels for AVX-512) would store a third of padding for a 48-channel layer; the zero
+    channels cost memory and multiply-adds, while one vector less per panel costs little."""
+    widths = range(micro.nb, 0, -micro.vl)
+    return min(widths, key=lambda nb: (ceil_div(n, nb) * nb - n, -nb))
 
 
 def _default_tasks(tgt: tvm.target.Target) -> int:
