@@ -243,9 +243,11 @@ def lower(onnx_path: Path, spec, precision: str):
     mod = import_onnx(onnx_path, batch=1)
     if precision == "float":
         return mod
+    from edgeq.compile import tvm_refusals
     from edgeq.lower.integer import lower_integer
 
-    return lower_integer(mod, spec.tvm_target())
+    with tvm_refusals(spec, "to lower the integer model"):
+        return lower_integer(mod, spec.tvm_target())
 
 
 def compile_library(mod, spec, path: Path, *, tuning_db: Optional[str] = None,
