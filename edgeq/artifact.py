@@ -17,7 +17,7 @@ Layout of ``build/NAME/``
     {"format", "version", "name", "created", "precision": "int"|"float", "entry": "main", "batch": 1,
      "model": {"name", "checkpoint", "weights_sha256", "num_classes", "input_size", "mean", "std",
                "interpolation", "crop_pct", "crop_mode"},
-     "target": {"name", "tvm", "host", "arch", "rpc_key"},
+     "target": {"name", "tvm", "host", "arch", "rpc_key", "kernel_family", "kernel_family_note"},
      "bits": {"default": {"w", "a"}, "layers": {name: {"w", "a"}}},
      "files": {file name: {"sha256", "bytes"}},
      "calibration": {"source", "sha256", "images", "seed"},
@@ -213,6 +213,12 @@ def _calibration(entry: dict[str, Any] | None) -> str:
     return f"{entry.get('images')} images of {entry['source']} (seed {entry.get('seed')})"
 
 
+def _kernel_family(target: dict[str, Any]) -> str:
+    family = target.get("kernel_family") or "-"  # manifests written before the family was recorded
+    note = target.get("kernel_family_note")
+    return f"{family} ({note})" if note else family
+
+
 def inspect_sections(manifest: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The manifest as ``(title, column names, rows)`` tables of strings, for ``edgeq inspect``."""
     target = manifest["target"]
@@ -232,6 +238,7 @@ def inspect_sections(manifest: dict[str, Any]) -> list[tuple[str, list[str], lis
         ["input", "x".join(str(v) for v in model.get("input_size", [])) + f", batch {manifest['batch']}"],
         ["target", f"{target.get('name')} ({target.get('arch')}), rpc key {target.get('rpc_key')}"],
         ["TVM target", json.dumps(target.get("tvm"), sort_keys=True)],
+        ["kernel family", _kernel_family(target)],
         ["precision", precision],
         ["calibration", _calibration(calibration)],
         ["golden batch", f"{golden.get('count')} images in {golden.get('file')}, "

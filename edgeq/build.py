@@ -243,9 +243,11 @@ def lower(onnx_path: Path, spec, precision: str):
     mod = import_onnx(onnx_path, batch=1)
     if precision == "float":
         return mod
+    from edgeq.compile import tvm_refusals
     from edgeq.lower.integer import lower_integer
 
-    return lower_integer(mod, spec.tvm_target())
+    with tvm_refusals(spec, "to lower the integer model"):
+        return lower_integer(mod, spec.tvm_target())
 
 
 def compile_library(mod, spec, path: Path, *, tuning_db: Optional[str] = None,
@@ -363,7 +365,8 @@ def model_entry(config: BuildConfig, model) -> dict[str, Any]:
 
 def target_entry(spec, host_spec) -> dict[str, Any]:
     return {"name": spec.name, "tvm": spec.target, "host": spec.host, "arch": spec.arch, "rpc_key": spec.rpc_key,
-            "device": spec.device_kind, "reference": host_spec.target if host_spec is not None else spec.target}
+            "device": spec.device_kind, "reference": host_spec.target if host_spec is not None else spec.target,
+            **spec.kernel_family()}
 
 
 # --- the whole build ---------------------------------------------------------------------------------------------
@@ -392,6 +395,9 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
     plan = None if config.float_model else resolve_plan(config.bits, config.plan)
     if plan is not None:
         check_integer_target(spec, plan)
+        family_note = spec.kernel_family()["kernel_family_note"]
+        if family_note:
+            _say(progress, f"note: {family_note}")
 
     _say(progress, "loading model")
     if model is None:

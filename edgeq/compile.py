@@ -9,9 +9,41 @@ the module loads).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from edgeq.errors import TargetError, ToolchainMissingError
+from edgeq.errors import EdgeqError, TargetError, ToolchainMissingError
 from edgeq.targets import TargetSpec, elf_info, load_target
+
+#: the most of TVM's message a refusal quotes (its check can print whole buffers and functions)
+_TVM_DETAIL_CHARS = 300
+
+
+def _raised_by_tvm(err: BaseException) -> bool:
+    """An error that came out of TVM's C++ side (``tvm_ffi`` tags every one it converts), or one of TVM's own
+    classes; edgeq's own errors and Python bugs stay what they are."""
+    import tvm
+
+    return hasattr(err, "__tvm_ffi_error__") or isinstance(
+        err, (tvm.error.InternalError, tvm.error.DiagnosticError, tvm.error.OpError))
+
+
+def _tvm_detail(err: BaseException) -> str:
+    """The line of TVM's message that says what failed (the last one; earlier ones are its C++ backtrace)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    detail = lines[-1] if lines else type(err).__name__
+    return detail if len(detail) <= _TVM_DETAIL_CHARS else detail[:_TVM_DETAIL_CHARS - 1] + "…"
+
+
+@contextmanager
+def tvm_refusals(spec: TargetSpec, doing: str):
+    """Turn an error TVM raises while ``doing`` something for ``spec`` into a one-line :class:`TargetError`."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, EdgeqError) or not _raised_by_tvm(err):
+            raise
+        raise TargetError(f"TVM refused {doing} for {spec.name} ({spec.kind}): {type(err).__name__}: "
+                          f"{_tvm_detail(err)}") from err
 
 
 def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", params: dict | None = None,
@@ -20,7 +52,8 @@ def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", par
 
     ``relax_pipeline="default"`` is edgeq's pipeline (:func:`edgeq.lower.pipeline.compile_relax`: fp32 GEMM
     kernels, scheduled float ops, integer kernels kept; ``tuning_db`` from ``edgeq tune``, the PrimFuncs it
-    schedules appended to ``tuned``); any other value is handed to ``tvm.compile`` as it is.
+    schedules appended to ``tuned``); any other value is handed to ``tvm.compile`` as it is. Raises
+    :class:`TargetError` when TVM fails to compile the module for the target.
     """
     import tvm
 
@@ -29,11 +62,12 @@ def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", par
         from tvm import relax
 
         mod = relax.transform.BindParams("main", params)(mod)
-    if relax_pipeline == "default":
-        from edgeq.lower.pipeline import compile_relax
+    with tvm_refusals(spec, "to compile the model"):
+        if relax_pipeline == "default":
+            from edgeq.lower.pipeline import compile_relax
 
-        return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db, tuned=tuned)
-    return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline)
+            return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db, tuned=tuned)
+        return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline)
 
 
 def export_library(built, target: str | TargetSpec, path: str | os.PathLike) -> Path:

@@ -37,6 +37,9 @@ DEFAULT_TOOLCHAINS: dict[str, tuple[str | None, str]] = {
     "x86_64": (None, "g++"),
 }
 
+#: the integer kernel family for targets no other family covers (:mod:`edgeq.lower.kernels.micro`)
+GENERIC_KERNEL_FAMILY = "generic"
+
 _KNOWN_TOP_KEYS = {"name", "description", "arch", "target", "host", "toolchain", "rpc", "board"}
 
 
@@ -133,6 +136,26 @@ class TargetSpec:
             return cc.create_shared
         return cc.cross_compiler(compiler, options=list(self.toolchain.options))
 
+    def kernel_family(self) -> dict[str, Any]:
+        """``kernel_family``: the integer kernel family edgeq schedules for this target
+        (:func:`edgeq.lower.kernels.micro.select_microkernel`); ``kernel_family_note``: why, when it is the
+        ``generic`` fallback, else None."""
+        from edgeq.lower.kernels.micro import select_microkernel
+
+        target = self.target
+        family = select_microkernel(self.tvm_target()).family
+        note = None
+        if family == GENERIC_KERNEL_FAMILY and self.is_gpu:
+            note = (f"edgeq has no integer kernels for {self.kind} devices: integer plans are refused, "
+                    "build with --float")
+        elif family == GENERIC_KERNEL_FAMILY:
+            features = ", ".join(f"{key} {json.dumps(target[key])}" for key in ("kind", "mtriple", "mcpu", "mattr")
+                                 if key in target)
+            note = (f"no kernel family covers this target ({features}): integer kernels fall back to "
+                    f"{GENERIC_KERNEL_FAMILY!r}, plain widening multiply-adds that LLVM vectorizes as it can "
+                    "(exact, but slow)")
+        return {"kernel_family": family, "kernel_family_note": note}
+
     def summary(self) -> dict[str, Any]:
         """Plain values for manifests and ``edgeq targets`` listings."""
         return {
@@ -141,6 +164,7 @@ class TargetSpec:
             "arch": self.arch,
             "target": self.target,
             "host": self.host,
+            **self.kernel_family(),
             "toolchain": {
                 "compiler": self.toolchain.compiler,
                 "options": list(self.toolchain.options),

@@ -1,6 +1,7 @@
 """`edgeq build`: end-to-end builds of a tiny ViT (host and rasp4), weight bytes, atomic output, refusals."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,10 @@ def test_host_build_writes_a_verified_integer_artifact(host_build: Path) -> None
     art = A.load_artifact(host_build)
     m = art.manifest
     assert m["precision"] == "int" and m["target"]["name"] == "host" and m["target"]["arch"] == "x86_64"
+    from edgeq.lower.kernels.micro import select_microkernel
+    from edgeq.targets import load_target
+
+    assert m["target"]["kernel_family"] == select_microkernel(load_target("host").tvm_target()).family
     assert set(m["files"]) == {"model.so", "weights.safetensors", "plan.json", "model.onnx", "golden.npz"}
     assert m["bits"]["default"] == {"w": 8, "a": 8} and "blocks.0.attn.matmul_av" in m["bits"]["layers"]
     assert m["calibration"]["images"] == 8 and len(m["calibration"]["sha256"]) == 64
@@ -82,8 +87,9 @@ def test_golden_batch_is_reproduced_by_the_library(host_build: Path) -> None:
 def test_inspect_shows_the_real_build(capsys, host_build: Path) -> None:
     code, out, err = run_cli(capsys, "inspect", str(host_build))
     assert code == 0, err
+    family = A.load_artifact(host_build).target["kernel_family"]
     for text in ("host (x86_64)", "int (default w8a8)", "blocks.0.mlp.fc1", "9216", "bit-exact",
-                 "compiled (host library)"):
+                 "compiled (host library)", f"kernel family │ {family}"):
         assert text in out, text
 
 
@@ -130,6 +136,7 @@ def test_rasp4_build_has_an_aarch64_library_and_a_host_reference(capsys, tmp_pat
     art = A.load_artifact(out)
     assert elf_info(art.library).arch == "aarch64" and elf_info(art.host_library).arch == "x86_64"
     assert art.manifest["target"]["arch"] == "aarch64" and art.manifest["target"]["rpc_key"] == "rasp4"
+    assert art.manifest["target"]["kernel_family"] == "arm_neon" and art.manifest["target"]["kernel_family_note"] is None
     assert art.manifest["accuracy"] is None
     weights = art.manifest["weights"]
     assert B.weight_bytes_within_tolerance(weights), weights
@@ -138,6 +145,24 @@ def test_rasp4_build_has_an_aarch64_library_and_a_host_reference(capsys, tmp_pat
     assert fc1["w"] == fc1["stored_bits"] == 4 and fc1["params"] == 48 * 192
     assert fc1["params"] // 2 <= fc1["bytes"] <= 1.05 * fc1["expected_bytes"]
     assert f"→ {out}" in stdout
+
+
+def test_manifest_and_inspect_say_when_the_kernels_fall_back_to_generic(capsys, tmp_path) -> None:
+
+    from edgeq.targets import load_target
+    from test_artifact import make_artifact
+
+    entry = B.target_entry(load_target("rasp4-32"), load_target("host"))
+    assert entry["kernel_family"] == "generic" and "fall back to 'generic'" in entry["kernel_family_note"]
+    out = make_artifact(tmp_path / "armv7")
+    manifest = A.load_artifact(out).manifest
+    A.write_manifest(out, {**manifest, "target": {**manifest["target"], **entry}})
+    code, shown, err = run_cli(capsys, "inspect", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(shown)["target"]["kernel_family_note"] == entry["kernel_family_note"]
+    code, shown, err = run_cli(capsys, "inspect", str(out))
+    assert code == 0, err
+    assert "kernel family generic (no kernel family covers this target" in " ".join(shown.replace("│", " ").split())
 
 
 # --- bad input and atomic output -----------------------------------------------------------------------------

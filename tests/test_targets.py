@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_runner import run_cli
 from edgeq.compile import build, export_for_target, export_library
 from edgeq.errors import EdgeqError
 from edgeq.errors import TargetError, ToolchainMissingError
@@ -286,3 +287,39 @@ def test_wrong_compiler_for_the_board_is_reported(tiny, tmp_path: Path) -> None:
         export_for_target(tiny, path, tmp_path / "x.so")
     assert "wrongcc" in str(caught.value)
     assert not (tmp_path / "x.so").exists()
+
+
+# --- integer kernel family -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, family", [
+    ("rasp4", "arm_neon"),
+    ("rasp5", "arm_dotprod"),
+    ("jetson-orin-nano", "cuda"),
+    ('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}', "x86_avx2"),
+])
+def test_targets_command_shows_the_kernel_family(capsys, name: str, family: str) -> None:
+    code, out, err = run_cli(capsys, "targets", name)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["kernel_family"] == family and shown["kernel_family_note"] is None
+
+
+@pytest.mark.parametrize("name, named", [
+    ("rasp4-32", 'mtriple "armv7l-linux-gnueabihf"'),  # 32-bit ARM: the NEON families are aarch64 kernels
+    ('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "core2"}', 'mcpu "core2"'),  # x86 without AVX2
+])
+def test_targets_command_says_when_a_cpu_falls_back_to_generic(capsys, name: str, named: str) -> None:
+    code, out, err = run_cli(capsys, "targets", name)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["kernel_family"] == "generic"
+    note = shown["kernel_family_note"]
+    assert note.startswith("no kernel family covers this target (kind \"llvm\"") and named in note
+    assert "fall back to 'generic'" in note and "slow" in note
+
+
+def test_gpu_without_integer_kernels_says_integer_plans_are_refused() -> None:
+    entry = load_target("mali").kernel_family()
+    assert entry["kernel_family"] == "generic"
+    assert entry["kernel_family_note"] == ("edgeq has no integer kernels for opencl devices: integer plans are "
+                                           "refused, build with --float")

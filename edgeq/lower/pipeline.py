@@ -29,8 +29,9 @@ builds): FastMathTransform replaces exp/erf/tanh; ``log`` (and ``R.nn.gelu``, le
 would still call libm.
 
 PrimFuncs already marked ``tirx.is_scheduled`` (edgeq's integer kernels, the GEMMs of step 1, tuned ones)
-are never rescheduled. Other target kinds (CUDA, OpenCL) use TVM's default pipeline for that target with
-the GEMM rewrite skipped.
+are never rescheduled. Other target kinds (CUDA, OpenCL) use :func:`gpu_pipeline`: TVM's default pipeline for
+that target (dlight schedules the float ops) with the GEMM rewrite skipped, and with edgeq's kernels kept
+opaque there too (:func:`keep_kernels_opaque`).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from tvm.s_tir import Schedule
 
 from edgeq.lower.kernels.micro import as_target
 
-__all__ = ["compile_relax", "cpu_pipeline", "schedule_relax", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
+__all__ = ["compile_relax", "cpu_pipeline", "gpu_pipeline", "schedule_relax", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
            "fence_float_products", "EXACT_FP_TIR_PIPELINE"]
 
 _SCHEDULED = "tirx.is_scheduled"
@@ -266,8 +267,9 @@ def keep_kernels_opaque(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Mark every already scheduled PrimFunc (integer and fp32 GEMM kernels) ``op_pattern`` opaque.
 
     Otherwise ``AnnotateTIROpPattern`` calls an integer GEMM "out-elementwise fusable" and ``FuseOps`` /
-    ``FuseTIR`` merge it with the ``astype`` after it into one new, unscheduled PrimFunc (or fail on the
-    kernel's internal buffers).
+    ``FuseTIR`` merge it with the ``astype`` after it into one new, unscheduled PrimFunc, or fail: the
+    kernels' buffers have int32 extents and legalized ops' have int64 ones, so FuseTIR finds two unequal
+    buffers for the var between them ("Inconsistent buffers O and ... mapped to the same relax var").
     """
     updates = {gv: func.with_attr("op_pattern", _OPAQUE) for gv, func in mod.functions.items() if is_scheduled(func)}
     for gv, func in updates.items():
@@ -337,6 +339,19 @@ def cpu_pipeline(target, *, tuning_db: str | os.PathLike | None = None,
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with tgt:
             return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def gpu_pipeline(target) -> tvm.transform.Pass:
+    """The Relax pipeline :func:`compile_relax` uses for a GPU target: TVM's default one for its kind, after
+    :func:`keep_kernels_opaque` (dlight leaves the kernels' own GPU schedules alone: they are scheduled)."""
+    tgt = as_target(target)
+    default = relax.pipeline.get_default_pipeline(tgt)
+
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.GPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return default(keep_kernels_opaque(mod))
 
     return _pipeline
 
@@ -412,7 +427,7 @@ def compile_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | N
             from edgeq.errors import EdgeqError
 
             raise EdgeqError(f"a tuning database applies to CPU (llvm) targets only, not {tgt.kind.name}")
-        return tvm.compile(mod, target=tgt)
+        return tvm.compile(mod, target=tgt, relax_pipeline=gpu_pipeline(tgt))
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, tuning_db=tuning_db, tuned=tuned),
                        tir_pipeline=EXACT_FP_TIR_PIPELINE)
