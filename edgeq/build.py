@@ -260,7 +260,7 @@ def check_tuning_db(config: BuildConfig, spec, host_spec) -> None:
     the board's library and the host reference must take the same schedules to agree bit for bit)."""
     if config.tuning_db is None:
         return
-    from edgeq.tune import database_exists
+    from edgeq.lower.tuning_database import database_exists
 
     if not database_exists(config.tuning_db):
         raise EdgeqError(f"--tuning-db {config.tuning_db} holds no MetaSchedule database; write one with "
@@ -274,7 +274,7 @@ def check_tuning_db(config: BuildConfig, spec, host_spec) -> None:
 def tuning_entry(config: BuildConfig, tuned: list[str]) -> Optional[dict[str, Any]]:
     if config.tuning_db is None:
         return None
-    from edgeq.tune import database_digest
+    from edgeq.lower.tuning_database import database_digest
 
     return {"database": str(config.tuning_db), "sha256": database_digest(config.tuning_db),
             "applied": sorted(set(tuned))}

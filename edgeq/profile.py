@@ -236,9 +236,9 @@ def count_boards(config: ProfileConfig) -> int:
     address = resolve_address(config.rpc, config.tracker, config.key, default_key=load_target(config.target).rpc_key,
                               env=config.env)
     if not address.via_tracker:
-        from edgeq.remote.session import _check_listening
+        from edgeq.remote.session import check_listening
 
-        _check_listening(address.host, address.port, 10.0, address.describe())  # fail before any build
+        check_listening(address.host, address.port, 10.0, address.describe())  # fail before any build
         return 1
     keys = tracker_keys(address.host, address.port)
     if address.key not in keys:
