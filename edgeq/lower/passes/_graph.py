@@ -209,12 +209,6 @@ def resolve_target(target) -> tvm.target.Target:
     return load_target(target).tvm_target()
 
 
-def main_functions(mod: tvm.IRModule):
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            yield gv, func
-
-
 _KERNEL_CACHE: dict = {}
 
 
