@@ -197,6 +197,25 @@ def load_target(what: str | os.PathLike | TargetSpec) -> TargetSpec:
     )
 
 
+def as_tvm_target(target):
+    """A ``tvm.target.Target`` from a Target, a :class:`TargetSpec`, a TVM target dict, or a string:
+    whatever :func:`load_target` accepts (board, YAML path, TVM tag, JSON), else a bare TVM target kind such as
+    ``"llvm"``."""
+    import tvm
+
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    try:
+        return load_target(target).tvm_target()
+    except TargetError as err:
+        try:
+            return tvm.target.Target(os.fspath(target))
+        except Exception:  # TVM's complaint about a string it cannot parse says less than edgeq's
+            raise err from None
+
+
 def _close_names(name: str, names: list[str]) -> list[str]:
     import difflib
 

@@ -12,7 +12,7 @@ import pytest
 from edgeq.compile import build, export_for_target, export_library
 from edgeq.errors import EdgeqError
 from edgeq.errors import TargetError, ToolchainMissingError
-from edgeq.targets import TargetSpec, elf_info, list_targets, load_target, targets_dir
+from edgeq.targets import TargetSpec, as_tvm_target, elf_info, list_targets, load_target, targets_dir
 
 BOARDS = {"rasp4", "rasp4-32", "rasp5", "jetson-orin-nano", "jetson-nano", "mali", "host"}
 
@@ -286,3 +286,16 @@ def test_wrong_compiler_for_the_board_is_reported(tiny, tmp_path: Path) -> None:
         export_for_target(tiny, path, tmp_path / "x.so")
     assert "wrongcc" in str(caught.value)
     assert not (tmp_path / "x.so").exists()
+
+
+def test_one_coercion_to_a_tvm_target_for_boards_dicts_and_tvm_strings():
+    import tvm
+
+    rasp4 = load_target("rasp4").tvm_target()
+    assert str(as_tvm_target("rasp4")) == str(rasp4) == str(as_tvm_target(load_target("rasp4")))
+    assert as_tvm_target(rasp4) is rasp4
+    haswell = {"kind": "llvm", "mcpu": "haswell"}
+    assert str(as_tvm_target(haswell)) == str(tvm.target.Target(haswell))
+    assert str(as_tvm_target("llvm")) == str(tvm.target.Target({"kind": "llvm"}))
+    with pytest.raises(TargetError, match="known boards: .*rasp4"):
+        as_tvm_target("rasp44")

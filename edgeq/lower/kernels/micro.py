@@ -40,6 +40,8 @@ import numpy as np
 import tvm
 from tvm import tirx
 
+from edgeq.targets import as_tvm_target as as_target  # the name the kernel builders use
+
 __all__ = ["Microkernel", "MICROKERNELS", "as_target", "select_microkernel", "pack_weight_panels"]
 
 
@@ -124,13 +126,6 @@ MICROKERNELS: dict[str, Microkernel] = {
     "generic": Microkernel("generic", kg=1, vl=8, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int8"),
     "cuda": Microkernel("cuda", kg=4, vl=1, nb=16, mr=8, lane_dtype="int8", lane_bits=8, a_dtype="int32"),
 }
-
-
-def as_target(target) -> tvm.target.Target:
-    """A :class:`tvm.target.Target` from a Target, a JSON dict or a tag/kind string."""
-    if isinstance(target, tvm.target.Target):
-        return target
-    return tvm.target.Target(target)
 
 
 def _has_feature(target: tvm.target.Target, feature: str) -> bool:
