@@ -492,6 +492,7 @@ def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_k
 def profile_command(target, plans, more_plans, model_name, checkpoint, random_init, calib, method, rpc, rpc_tracker, rpc_key,
                     out, repeat, per_op, data, limit, latency_table) -> None:
     """Build, deploy, time and check each bit plan on a board; results table, CSV and Pareto plot."""
+    from edgeq.build import BuildConfig
     from edgeq.profile import ProfileConfig, format_table, profile_plans
 
     if latency_table is not None and not per_op:
@@ -500,10 +501,11 @@ def profile_command(target, plans, more_plans, model_name, checkpoint, random_in
         from edgeq.deploy import started_board_address
 
         rpc = started_board_address()
-    config = ProfileConfig(target=target, plans=list(plans) + list(more_plans), out=out, model=model_name,
-                           checkpoint=str(checkpoint) if checkpoint else None, random_init=random_init, calib=calib,
-                           method=method, rpc=rpc, tracker=rpc_tracker, key=rpc_key, repeat=repeat, per_op=per_op,
-                           data=data, limit=limit if data else None, latency_table=latency_table)
+    build = BuildConfig(target=target, model=model_name, checkpoint=str(checkpoint) if checkpoint else None,
+                        random_init=random_init, calib=calib, method=method)
+    config = ProfileConfig(build, plans=list(plans) + list(more_plans), out=out, rpc=rpc, tracker=rpc_tracker,
+                           key=rpc_key, repeat=repeat, per_op=per_op, data=data, limit=limit if data else None,
+                           latency_table=latency_table)
     outcome = profile_plans(config, log=lambda message: click.echo(f"edgeq: {message}", err=True))
     click.echo(format_table(outcome.rows))
     click.echo(f"results: {out}/results.json, {out}/results.csv, {out}/pareto.png"
