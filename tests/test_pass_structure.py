@@ -1,11 +1,12 @@
 """What each of edgeq's Relax passes emits, as IR: a small ``Before`` module, the one pass, an ``Expected`` module,
-compared with ``tvm.ir.assert_structural_equal`` (numerics are tested in test_lower_passes.py).
+compared with ``tvm.ir.assert_structural_equal`` (the numbers they compute are tested in test_lower_passes.py,
+test_softmax.py and test_float_kernels.py).
 
-The integer passes rewrite the binding at the end of a matched chain and leave the bindings it no longer needs
+The integer passes rewrite the binding at the end of a matched chain and leave the bindings they no longer need
 for :class:`RemoveDeadQDQ` to drop; their output goes through ``DeadCodeElimination`` before the comparison so
 that ``Expected`` shows what the pass emits, not what it bypassed. Kernels come from the kernel builders with the
-arguments the pass must choose (what the pass emits around them is the subject here, the kernels are tested
-bit for bit elsewhere); the generic ``llvm`` target keeps them the same on every machine.
+arguments the pass must choose, for the same target (what the pass emits around them is the subject here, the
+kernels are tested bit for bit elsewhere).
 """
 from __future__ import annotations
 
