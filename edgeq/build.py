@@ -262,7 +262,7 @@ def check_tuning_db(config: BuildConfig, spec, host_spec) -> None:
     the board's library and the host reference must take the same schedules to agree bit for bit)."""
     if config.tuning_db is None:
         return
-    from edgeq.tune import database_exists
+    from edgeq.lower.tuning_database import database_exists
 
     if not database_exists(config.tuning_db):
         raise EdgeqError(f"--tuning-db {config.tuning_db} holds no MetaSchedule database; write one with "
@@ -276,7 +276,7 @@ def check_tuning_db(config: BuildConfig, spec, host_spec) -> None:
 def tuning_entry(config: BuildConfig, tuned: list[str]) -> Optional[dict[str, Any]]:
     if config.tuning_db is None:
         return None
-    from edgeq.tune import database_digest
+    from edgeq.lower.tuning_database import database_digest
 
     return {"database": str(config.tuning_db), "sha256": database_digest(config.tuning_db),
             "applied": sorted(set(tuned))}
@@ -364,9 +364,11 @@ def model_entry(config: BuildConfig, model) -> dict[str, Any]:
 
 
 def target_entry(spec, host_spec) -> dict[str, Any]:
+    from edgeq.lower.kernels.micro import kernel_family
+
     return {"name": spec.name, "tvm": spec.target, "host": spec.host, "arch": spec.arch, "rpc_key": spec.rpc_key,
             "device": spec.device_kind, "reference": host_spec.target if host_spec is not None else spec.target,
-            **spec.kernel_family()}
+            **kernel_family(spec)}
 
 
 # --- the whole build ---------------------------------------------------------------------------------------------
@@ -395,7 +397,9 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
     plan = None if config.float_model else resolve_plan(config.bits, config.plan)
     if plan is not None:
         check_integer_target(spec, plan)
-        family_note = spec.kernel_family()["kernel_family_note"]
+        from edgeq.lower.kernels.micro import kernel_family
+
+        family_note = kernel_family(spec)["kernel_family_note"]
         if family_note:
             _say(progress, f"note: {family_note}")
 

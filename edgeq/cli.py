@@ -45,6 +45,24 @@ def model_options(command):
     return click.option("--model", "model_name", required=True, help="edgeq/<name> or a timm model name.")(command)
 
 
+class QuantMethodChoice(click.Choice):
+    """:data:`edgeq.quant.config.METHODS`, looked up when click first reads them: importing :mod:`edgeq.quant`
+    loads torch (seconds), which commands that take no method and ``edgeq --help`` should not wait for."""
+
+    def __init__(self) -> None:  # click.Choice's would store the choices now
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from edgeq.quant.config import METHODS
+
+        return METHODS
+
+
+def quant_method_option(flag: str = "--method", help: str | None = None):
+    return click.option(flag, type=QuantMethodChoice(), default="lrp-qvit", show_default=True, help=help)
+
+
 def calibration_options(command):
     command = click.option("--calib-seed", type=int, help="Seed for choosing calibration images (default: recipe's, else 0).")(command)
     command = click.option("--calib-count", type=click.IntRange(min=1),
@@ -107,7 +125,10 @@ def targets_command(name: str | None) -> None:
             click.echo(f"  {known:<18} {spec.description}")
         click.echo("\n--target also takes a TVM tag (e.g. arm/rasp4b64) or a JSON target for boards not listed.")
         return
-    click.echo(json.dumps(load_target(name).summary(), indent=2))
+    from edgeq.lower.kernels.micro import kernel_family
+
+    spec = load_target(name)
+    click.echo(json.dumps({**spec.summary(), **kernel_family(spec)}, indent=2))
 
 
 def load_model_option(model: str, checkpoint: Path | None, random_init: bool):
@@ -167,8 +188,8 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
 @click.option("--method", default="lrp", show_default=True, metavar="lrp|sensitivity|nuclear|mix|random",
               help="How layers are judged: LRP relevance, measured quantization sensitivity, nuclear-norm "
                    "sensitivity, mix (sensitivity weighted by LRP relevance), or a random control.")
-@click.option("--quant-method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit",
-              show_default=True, help="Quantization the sensitivity and mix trials use (as `edgeq quantize --method`).")
+@quant_method_option("--quant-method",
+                     help="Quantization the sensitivity and mix trials use (as `edgeq quantize --method`).")
 @click.option("--budget", "budgets", multiple=True, required=True, metavar="KIND=VALUE",
               help="avg-bits=4, weight-bytes=1.5MB, bops=1.2G or latency-ms=12 (with --latency-table); repeatable.")
 @click.option("--latency-table", type=click.Path(path_type=Path), help="Per-layer latency table (JSON) for latency-ms budgets.")
@@ -209,7 +230,7 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
 @click.option("--calib-seed", type=int, help="Seed for choosing calibration images (default: recipe's, else 0).")
 @click.option("--bits", help="One width for every layer, e.g. w8a8 or w4a4 (default w8a8).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Per-layer bit plan (JSON) from `edgeq plan`.")
-@click.option("--method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit", show_default=True)
+@quant_method_option()
 @click.option("--reparam/--no-reparam", default=None, help="Ablation: post-LayerNorm channel-wise → layer-wise reparameterization.")
 @click.option("--log2/--no-log2", default=None, help="Ablation: log√2 (as log2) quantizer for post-Softmax activations.")
 @click.option("--clip/--no-clip", default=None, help="Ablation: LRP-QViT clipping of post-LayerNorm channel ranges.")
@@ -249,7 +270,7 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
 @click.option("--calib-seed", type=int, help="Seed for choosing calibration images (default: recipe's, else 0).")
 @click.option("--bits", help="One width for every layer, e.g. w8a8 or w4a4 (default w8a8).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Per-layer bit plan (JSON) from `edgeq plan`.")
-@click.option("--method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit", show_default=True)
+@quant_method_option()
 @click.option("--float", "float_model", is_flag=True, help="Build the unquantized model (float kernels).")
 @click.option("--target", required=True, metavar="NAME|TAG|JSON",
               help="A board from `edgeq targets`, a TVM tag, or a JSON target.")
@@ -461,7 +482,7 @@ def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_k
 @click.option("--checkpoint", type=click.Path(path_type=Path))
 @click.option("--random-init", is_flag=True, help=RANDOM_INIT_HELP)
 @click.option("--calib", metavar="DIR|ARCHIVE|RECIPE.yaml", help="Calibration images (as for `edgeq build`).")
-@click.option("--method", type=click.Choice(["lrp-qvit", "repq", "minmax"]), default="lrp-qvit", show_default=True)
+@quant_method_option()
 @board_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Results folder: results.json, results.csv, pareto.png, artifacts/.")
@@ -474,6 +495,7 @@ def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_k
 def profile_command(target, plans, more_plans, model_name, checkpoint, random_init, calib, method, rpc, rpc_tracker, rpc_key,
                     out, repeat, per_op, data, limit, latency_table) -> None:
     """Build, deploy, time and check each bit plan on a board; results table, CSV and Pareto plot."""
+    from edgeq.build import BuildConfig
     from edgeq.profile import ProfileConfig, format_table, profile_plans
 
     if latency_table is not None and not per_op:
@@ -482,10 +504,11 @@ def profile_command(target, plans, more_plans, model_name, checkpoint, random_in
         from edgeq.deploy import started_board_address
 
         rpc = started_board_address()
-    config = ProfileConfig(target=target, plans=list(plans) + list(more_plans), out=out, model=model_name,
-                           checkpoint=str(checkpoint) if checkpoint else None, random_init=random_init, calib=calib,
-                           method=method, rpc=rpc, tracker=rpc_tracker, key=rpc_key, repeat=repeat, per_op=per_op,
-                           data=data, limit=limit if data else None, latency_table=latency_table)
+    build = BuildConfig(target=target, model=model_name, checkpoint=str(checkpoint) if checkpoint else None,
+                        random_init=random_init, calib=calib, method=method)
+    config = ProfileConfig(build, plans=list(plans) + list(more_plans), out=out, rpc=rpc, tracker=rpc_tracker,
+                           key=rpc_key, repeat=repeat, per_op=per_op, data=data, limit=limit if data else None,
+                           latency_table=latency_table)
     outcome = profile_plans(config, log=lambda message: click.echo(f"edgeq: {message}", err=True))
     click.echo(format_table(outcome.rows))
     click.echo(f"results: {out}/results.json, {out}/results.csv, {out}/pareto.png"

@@ -46,28 +46,19 @@ def tvm_refusals(spec: TargetSpec, doing: str):
                           f"{_tvm_detail(err)}") from err
 
 
-def build(mod, target: str | TargetSpec, *, relax_pipeline: str = "default", params: dict | None = None,
-          tuning_db: str | os.PathLike | None = None, tuned: list[str] | None = None):
+def build(mod, target: str | TargetSpec, *, tuning_db: str | os.PathLike | None = None,
+          tuned: list[str] | None = None):
     """Compile a Relax ``IRModule`` for ``target`` into a ``tvm.relax.Executable`` (nothing linked yet).
 
-    ``relax_pipeline="default"`` is edgeq's pipeline (:func:`edgeq.lower.pipeline.compile_relax`: fp32 GEMM
-    kernels, scheduled float ops, integer kernels kept; ``tuning_db`` from ``edgeq tune``, the PrimFuncs it
-    schedules appended to ``tuned``); any other value is handed to ``tvm.compile`` as it is. Raises
-    :class:`TargetError` when TVM fails to compile the module for the target.
+    Runs edgeq's pipeline (:func:`edgeq.lower.pipeline.compile_relax`: fp32 GEMM kernels, scheduled float ops,
+    integer kernels kept); ``tuning_db`` from ``edgeq tune``, the PrimFuncs it schedules appended to ``tuned``.
+    Raises :class:`TargetError` when TVM fails to compile the module for the target.
     """
-    import tvm
+    from edgeq.lower.pipeline import compile_relax
 
     spec = load_target(target)
-    if params:
-        from tvm import relax
-
-        mod = relax.transform.BindParams("main", params)(mod)
     with tvm_refusals(spec, "to compile the model"):
-        if relax_pipeline == "default":
-            from edgeq.lower.pipeline import compile_relax
-
-            return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db, tuned=tuned)
-        return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline)
+        return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db, tuned=tuned)
 
 
 def export_library(built, target: str | TargetSpec, path: str | os.PathLike) -> Path:

@@ -68,7 +68,7 @@ class RemoteModel:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = self.session.run(self.vm, self.entry, self.session.tensor(np.ascontiguousarray(x, "float32"),
                                                                         self.device_kind))
-        with self.session._remote("copying the output back"):
+        with self.session.remote_step("copying the output back"):
             return out.numpy()
 
     def time(self, x: np.ndarray, *, number: int = 1, repeat: int = 10, min_repeat_ms: int = 0) -> list[float]:

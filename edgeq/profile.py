@@ -23,6 +23,7 @@ PrimFunc of the lowered program) is built on its own for the target and timed on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import hashlib
 import io
@@ -37,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from edgeq.build import BuildConfig
 from edgeq.errors import EdgeqError, RemoteRunError, RemoteUnreachableError
 from edgeq.fileio import atomic_write_json, atomic_write_text
 
@@ -63,17 +65,11 @@ def _quiet(_: str) -> None:
 class ProfileConfig:
     """What ``edgeq profile`` measures, and where."""
 
-    target: str
+    #: how every plan is built (target, model, weights, calibration, method, build-time accuracy); each plan's
+    #: build takes its ``plan`` from :attr:`plans`
+    build: BuildConfig
     plans: Sequence[str | os.PathLike]
     out: str | os.PathLike
-    model: str = "edgeq/vit-cifar10"
-    checkpoint: str | None = None
-    random_init: bool = False
-    calib: str | None = None
-    calib_count: int | None = None
-    calib_seed: int | None = None
-    method: str = "lrp-qvit"
-    eval_limit: int | None = None  # accuracy at build time (host library); None: the build's default
     rpc: str | None = None
     tracker: str | None = None
     key: str | None = None
@@ -94,9 +90,10 @@ class ProfileConfig:
 def plan_identity(config: ProfileConfig, plan_json: Mapping[str, Any]) -> dict[str, Any]:
     """Everything that changes the built program or its accuracy; provenance (free-form notes) does not."""
     bits = {k: v for k, v in plan_json.items() if k != "provenance"}
-    return {"bits": bits, "model": config.model, "checkpoint": str(config.checkpoint or ""),
-            "random_init": config.random_init, "target": config.target, "method": config.method,
-            "calib": [str(config.calib or ""), config.calib_count, config.calib_seed]}
+    build = config.build
+    return {"bits": bits, "model": build.model, "checkpoint": str(build.checkpoint or ""),
+            "random_init": build.random_init, "target": build.target, "method": build.method,
+            "calib": [str(build.calib or ""), build.calib_count, build.calib_seed]}
 
 
 def plan_hash(identity: Mapping[str, Any]) -> str:
@@ -233,12 +230,12 @@ def count_boards(config: ProfileConfig) -> int:
     from edgeq.remote.session import resolve_address, tracker_keys
     from edgeq.targets import load_target
 
-    address = resolve_address(config.rpc, config.tracker, config.key, default_key=load_target(config.target).rpc_key,
-                              env=config.env)
+    address = resolve_address(config.rpc, config.tracker, config.key,
+                              default_key=load_target(config.build.target).rpc_key, env=config.env)
     if not address.via_tracker:
-        from edgeq.remote.session import _check_listening
+        from edgeq.remote.session import check_listening
 
-        _check_listening(address.host, address.port, 10.0, address.describe())  # fail before any build
+        check_listening(address.host, address.port, 10.0, address.describe())  # fail before any build
         return 1
     keys = tracker_keys(address.host, address.port)
     if address.key not in keys:
@@ -257,7 +254,7 @@ def read_plan_json(path: Path) -> dict[str, Any]:
 def build_plan(job: PlanJob, config: ProfileConfig, out: Path, log: Log) -> Path:
     """The plan's artifact under ``OUT/artifacts/``: reused when a verified one of the same plan exists."""
     from edgeq.artifact import load_artifact
-    from edgeq.build import BuildConfig, build_artifact
+    from edgeq.build import build_artifact
     from edgeq.errors import ArtifactError
 
     folder = out / "artifacts" / f"{job.path.stem}-{job.hash[:8]}"
@@ -268,15 +265,11 @@ def build_plan(job: PlanJob, config: ProfileConfig, out: Path, log: Log) -> Path
             return folder
         except ArtifactError:
             pass  # an unfinished or damaged one: build_artifact replaces it
-    log(f"{job.path.name}: building for {config.target}")
+    log(f"{job.path.name}: building for {config.build.target}")
     started = time.monotonic()
     # with --data the board's accuracy is measured on those images: the build's own evaluation would repeat it
-    eval_limit = 0 if config.data and config.eval_limit is None else config.eval_limit
-    kwargs = {} if eval_limit is None else {"eval_limit": eval_limit}
-    build_config = BuildConfig(target=config.target, model=config.model, checkpoint=config.checkpoint,
-                               random_init=config.random_init, calib=config.calib, calib_count=config.calib_count,
-                               calib_seed=config.calib_seed, plan=str(job.path), method=config.method, **kwargs)
-    build_artifact(build_config, folder)
+    skip_eval = {"eval_limit": 0} if config.data else {}
+    build_artifact(dataclasses.replace(config.build, plan=str(job.path), **skip_eval), folder)
     log(f"{job.path.name}: built in {time.monotonic() - started:.0f} s")
     return folder
 
@@ -304,7 +297,7 @@ def profile_plans(config: ProfileConfig, log: Log = _quiet) -> ProfileOutcome:
     from edgeq.remote.session import connect
     from edgeq.targets import load_target
 
-    spec = load_target(config.target)
+    spec = load_target(config.build.target)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -312,7 +305,7 @@ def profile_plans(config: ProfileConfig, log: Log = _quiet) -> ProfileOutcome:
         path = Path(path)
         plan_json = read_plan_json(path)
         jobs.append(PlanJob(path, plan_hash(plan_identity(config, plan_json)), plan_json))
-    header = {"model": config.model, "target": spec.name, "created": _now(),
+    header = {"model": config.build.model, "target": spec.name, "created": _now(),
               "note": "timing 'emulated' = qemu-user on this machine, not board latency"}
     book = ResultsBook(out, header)
     done = book.done()
@@ -366,7 +359,7 @@ def profile_plans(config: ProfileConfig, log: Log = _quiet) -> ProfileOutcome:
                 thread.join(0.5)
         if book.rows:
             book.write()
-            draw_pareto(book.rows, out / PARETO_PNG, title=f"{config.model} on {spec.name}")
+            draw_pareto(book.rows, out / PARETO_PNG, title=f"{config.build.model} on {spec.name}")
     if failures:
         error = failures[0]
         if isinstance(error, RemoteRunError):
@@ -468,7 +461,7 @@ def write_latency_table(rows: Sequence[dict[str, Any]], config: ProfileConfig, p
             layers.setdefault(layer, {})[(int(entry["w"]), int(entry["a"]))] = float(entry["ms"])
     if not layers:
         raise EdgeqError("--latency-table needs per-operator times: add --per-op (rows measured without it have none)")
-    table = LatencyTable(model=config.model, target=load_target_name(config.target), layers=layers,
+    table = LatencyTable(model=config.build.model, target=load_target_name(config.build.target), layers=layers,
                          base_ms=round(float(np.median(bases)), 4),
                          extra_header={"timing": "emulated" if "emulated" in timings else "board",
                                        "source": "edgeq profile --per-op", "plans": len(bases)})

@@ -122,7 +122,7 @@ def time_calls(mod, calls: list[dict[str, Any]], spec, session, *, repeat: int =
                   for shape, dtype, constant in call["args"]]
         arrays += [np.zeros(shape, dtype) for shape, dtype in call["outs"]]
         tensors = [session.tensor(np.array(a, order="C"), spec.device_kind) for a in arrays]  # 0-d stays 0-d
-        with session._remote(f"timing {call['func']}"):
+        with session.remote_step(f"timing {call['func']}"):
             timer = remote.time_evaluator(call["func"], device, number=1, repeat=repeat)
             times.append(float(np.median(timer(*tensors).results)) * 1e3)
     return times

@@ -136,26 +136,6 @@ class TargetSpec:
             return cc.create_shared
         return cc.cross_compiler(compiler, options=list(self.toolchain.options))
 
-    def kernel_family(self) -> dict[str, Any]:
-        """``kernel_family``: the integer kernel family edgeq schedules for this target
-        (:func:`edgeq.lower.kernels.micro.select_microkernel`); ``kernel_family_note``: why, when it is the
-        ``generic`` fallback, else None."""
-        from edgeq.lower.kernels.micro import select_microkernel
-
-        target = self.target
-        family = select_microkernel(self.tvm_target()).family
-        note = None
-        if family == GENERIC_KERNEL_FAMILY and self.is_gpu:
-            note = (f"edgeq has no integer kernels for {self.kind} devices: integer plans are refused, "
-                    "build with --float")
-        elif family == GENERIC_KERNEL_FAMILY:
-            features = ", ".join(f"{key} {json.dumps(target[key])}" for key in ("kind", "mtriple", "mcpu", "mattr")
-                                 if key in target)
-            note = (f"no kernel family covers this target ({features}): integer kernels fall back to "
-                    f"{GENERIC_KERNEL_FAMILY!r}, plain widening multiply-adds that LLVM vectorizes as it can "
-                    "(exact, but slow)")
-        return {"kernel_family": family, "kernel_family_note": note}
-
     def summary(self) -> dict[str, Any]:
         """Plain values for manifests and ``edgeq targets`` listings."""
         return {
@@ -164,7 +144,6 @@ class TargetSpec:
             "arch": self.arch,
             "target": self.target,
             "host": self.host,
-            **self.kernel_family(),
             "toolchain": {
                 "compiler": self.toolchain.compiler,
                 "options": list(self.toolchain.options),
@@ -219,6 +198,25 @@ def load_target(what: str | os.PathLike | TargetSpec) -> TargetSpec:
         "a TVM tag (python -c 'import tvm; print(list(tvm.target.tag.list_tags()))') or a JSON target such as "
         '\'{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53"}\' also works'
     )
+
+
+def as_tvm_target(target):
+    """A ``tvm.target.Target`` from a Target, a :class:`TargetSpec`, a TVM target dict, or a string:
+    whatever :func:`load_target` accepts (board, YAML path, TVM tag, JSON), else a bare TVM target kind such as
+    ``"llvm"``."""
+    import tvm
+
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    try:
+        return load_target(target).tvm_target()
+    except TargetError as err:
+        try:
+            return tvm.target.Target(os.fspath(target))
+        except Exception:  # TVM's complaint about a string it cannot parse says less than edgeq's
+            raise err from None
 
 
 def _close_names(name: str, names: list[str]) -> list[str]:
@@ -424,14 +422,45 @@ def _fill_native(config: dict[str, Any], where: str) -> dict[str, Any]:
         from tvm.target import codegen
 
         config["mcpu"] = str(codegen.llvm_get_system_cpu())
-        from edgeq.lower.kernels.micro import host_mattr
-
         extra = [f for f in host_mattr(config["mcpu"]) if f not in config.get("mattr", [])]
         if extra:
             config["mattr"] = list(config.get("mattr", [])) + extra
     if config.get("num-cores") == "auto":
         config["num-cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return config
+
+
+# /proc/cpuinfo flag -> LLVM feature, for the features that choose a kernel family (and what they build on)
+_CPUINFO_LLVM_FEATURES = {
+    "avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
+    "avx512dq": "avx512dq", "avx512cd": "avx512cd", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni",
+}
+
+
+def host_mattr(mcpu: str, cpuinfo: str | None = None) -> list[str]:
+    """``+feature`` entries this machine's CPU has (``/proc/cpuinfo``) but LLVM's model of ``mcpu`` lacks.
+
+    LLVM names a CPU by its family and model, which a hypervisor may report as an older part (a Xeon with
+    AVX-VNNI seen as "rocketlake"); the flags the kernel families depend on then come from the CPU itself.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            break
+    import tvm
+    from tvm.target import codegen
+
+    model = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    return [f"+{feature}" for flag, feature in _CPUINFO_LLVM_FEATURES.items()
+            if flag in flags and not codegen.target_has_features([feature], model)]
 
 
 def _system_triple() -> str:

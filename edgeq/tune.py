@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -42,12 +41,10 @@ from pathlib import Path
 from edgeq.errors import EdgeqError
 from edgeq.remote.session import RemoteAddress, resolve_address
 
-__all__ = ["TuneResult", "tune_module", "tune_onnx", "apply_database_pass", "database_exists", "database_digest",
-           "tunable_tasks", "default_database"]
+__all__ = ["TuneResult", "tune_module", "tune_onnx", "tunable_tasks", "default_database"]
 
 _BUILD_FUNC = "edgeq.tune.build"
 _EXPORT_FUNC = "edgeq.tune.export"
-DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
 LOG_FILE = "tuning.log"
 #: MetaSchedule's run time for a candidate that failed to build or run
 _FAILED_RUN = 1e9
@@ -67,28 +64,6 @@ class TuneResult:
 def default_database(source: Path) -> Path:
     """``build/NAME.tuning`` for an artifact directory ``build/NAME``, ``m.tuning`` for ``m.onnx``."""
     return source.with_name(source.name.removesuffix(".onnx") + ".tuning")
-
-
-def database_exists(path: str | os.PathLike) -> bool:
-    return all((Path(path) / name).is_file() for name in DATABASE_FILES)
-
-
-def database_digest(path: str | os.PathLike) -> str:
-    """sha256 over the database's two files: what an artifact's manifest records of the database it used."""
-    digest = hashlib.sha256()
-    for name in DATABASE_FILES:
-        digest.update((Path(path) / name).read_bytes())
-    return digest.hexdigest()
-
-
-def apply_database_pass(tuning_db: str | os.PathLike, target):
-    """The Relax pass that gives every PrimFunc found in the database its tuned schedule."""
-    from tvm import relax
-
-    if not database_exists(tuning_db):
-        raise EdgeqError(f"{tuning_db} holds no MetaSchedule database ({', '.join(DATABASE_FILES)}); "
-                         "write one with `edgeq tune`")
-    return relax.transform.MetaScheduleApplyDatabase(work_dir=str(tuning_db), enable_warning=False)
 
 
 def _register_worker_funcs(target: str) -> None:

@@ -10,7 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from edgeq.lower.kernels.emulate import aarch64_available, aarch64_tools, run_aarch64
+from aarch64_qemu import aarch64_available, aarch64_tools, run_aarch64
+
 from edgeq.lower.kernels.fgemm import float_gemm_kernel, gemm_tiles
 from edgeq.lower.kernels.runner import HostKernel, host_target
 

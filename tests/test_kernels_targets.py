@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import tvm
 
+from aarch64_qemu import aarch64_available, aarch64_tools, run_aarch64
+
 from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
-from edgeq.lower.kernels.emulate import aarch64_available, aarch64_tools, run_aarch64
 from edgeq.lower.kernels.micro import select_microkernel
 from edgeq.lower.kernels.qlinear import qlinear_kernel
 
@@ -161,18 +162,19 @@ def test_cuda_kernels_compile(make):
 
 
 def test_relax_call_tir_demo_runs_on_the_vm():
-    from edgeq.lower.kernels.relax_glue import demo_qlinear_module, run_demo
+    from qlinear_module import qlinear_module, vm_matches_reference
+
     from edgeq.lower.kernels.runner import host_target
 
-    mod, _, _ = demo_qlinear_module(host_target())
+    mod, _, _ = qlinear_module(host_target())
     assert "call_tir" in mod.script()
-    assert run_demo(host_target(2))
-    assert run_demo({"kind": "llvm"}, m=20, k=48, n=40)  # generic family, default llvm target
+    assert vm_matches_reference(host_target(2))
+    assert vm_matches_reference({"kind": "llvm"}, m=20, k=48, n=40)  # generic family, default llvm target
 
 
 def test_host_mattr_adds_the_cpu_flags_llvm_model_lacks():
     """A hypervisor can report an older CPU model: the family-deciding flags come from /proc/cpuinfo."""
-    from edgeq.lower.kernels.micro import host_mattr
+    from edgeq.targets import host_mattr
 
     cpuinfo = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx_vnni\n"
     assert host_mattr("haswell", cpuinfo) == ["+avx512f", "+avx512bw", "+avxvnni"]

@@ -80,10 +80,10 @@ def _calls(mod) -> list[str]:
 
 
 def test_integer_kernels_pass_through_untouched():
-    from edgeq.lower.kernels.relax_glue import demo_qlinear_module
+    from qlinear_module import qlinear_module
 
     target = host_target(2)
-    mod, inputs, expected = demo_qlinear_module(target, m=7, k=13, n=5)
+    mod, inputs, expected = qlinear_module(target, m=7, k=13, n=5)
     kernels = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert kernels
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic

@@ -3,6 +3,7 @@ elsewhere), so these tests are about measuring, results files, resuming, paralle
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import threading
@@ -12,9 +13,12 @@ import pytest
 
 from board_fixtures import RUNTIME_ONLY, make_artifact
 from edgeq import profile as profile_module
+from edgeq.build import BuildConfig
 from edgeq.errors import RemoteRunError
 from edgeq.profile import ProfileConfig, format_table, pareto_front, profile_plans
 from edgeq.remote.local import start_rpc_server, start_tracker
+
+HOST_BUILD = BuildConfig(target="host")
 
 
 def write_plans(folder: Path, count: int) -> list[Path]:
@@ -85,7 +89,7 @@ def at(lab: dict) -> dict:
 def test_profile_writes_rows_table_plot_and_resumes(lab, tiny_builds, tmp_path) -> None:
     plans = write_plans(tmp_path, 2)
     out = tmp_path / "results"
-    config = ProfileConfig(target="host", plans=plans, out=out, **at(lab), repeat=3, warmup=1)
+    config = ProfileConfig(HOST_BUILD, plans=plans, out=out, **at(lab), repeat=3, warmup=1)
     outcome = profile_plans(config)
     assert sorted(Path(r["plan"]).name for r in outcome.rows) == ["plan0.json", "plan1.json"]
     for row in outcome.rows:
@@ -101,21 +105,21 @@ def test_profile_writes_rows_table_plot_and_resumes(lab, tiny_builds, tmp_path) 
 
     # a rerun measures nothing again; a new plan is added to the same results
     plans = write_plans(tmp_path, 3)
-    again = profile_plans(ProfileConfig(target="host", plans=plans, out=out, **at(lab), repeat=2, warmup=0))
+    again = profile_plans(ProfileConfig(HOST_BUILD, plans=plans, out=out, **at(lab), repeat=2, warmup=0))
     assert again.skipped == [str(p) for p in plans[:2]] and len(again.rows) == 3
     assert tiny_builds == ["plan0.json", "plan1.json", "plan2.json"]
     assert [r["repeat"] for r in json.loads((out / "results.json").read_text())["rows"]] == [3, 3, 2]  # kept
 
 
 def test_plan_hash_ignores_provenance_and_follows_bits(tmp_path) -> None:
-    config = ProfileConfig(target="host", plans=[], out=tmp_path)
+    config = ProfileConfig(HOST_BUILD, plans=[], out=tmp_path)
     a = {"version": 1, "default": {"w": 8, "a": 8}, "layers": {}, "provenance": {"method": "x"}}
     b = dict(a, provenance={"method": "y"})
     c = dict(a, default={"w": 4, "a": 8})
     h = profile_module.plan_hash
     assert h(profile_module.plan_identity(config, a)) == h(profile_module.plan_identity(config, b))
     assert h(profile_module.plan_identity(config, a)) != h(profile_module.plan_identity(config, c))
-    other_target = ProfileConfig(target="rasp4", plans=[], out=tmp_path)
+    other_target = ProfileConfig(BuildConfig(target="rasp4"), plans=[], out=tmp_path)
     assert h(profile_module.plan_identity(config, a)) != h(profile_module.plan_identity(other_target, a))
 
 
@@ -136,7 +140,7 @@ def test_board_dying_mid_profile_keeps_rows_and_resumes(lab, tiny_builds, tmp_pa
     monkeypatch.setattr(profile_module, "measure_artifact", measure_then_die)
     try:
         with pytest.raises(RemoteRunError) as caught:
-            profile_plans(ProfileConfig(target="host", plans=plans, out=out, rpc=board.address, env={}, repeat=2))
+            profile_plans(ProfileConfig(HOST_BUILD, plans=plans, out=out, rpc=board.address, env={}, repeat=2))
     finally:
         board.stop()
     assert caught.value.exit_code == 71 and "kept" in str(caught.value)
@@ -145,14 +149,13 @@ def test_board_dying_mid_profile_keeps_rows_and_resumes(lab, tiny_builds, tmp_pa
     assert (out / "pareto.png").is_file()
 
     monkeypatch.setattr(profile_module, "measure_artifact", real)
-    outcome = profile_plans(ProfileConfig(target="host", plans=plans, out=out, **at(lab), repeat=2))
+    outcome = profile_plans(ProfileConfig(HOST_BUILD, plans=plans, out=out, **at(lab), repeat=2))
     assert outcome.skipped == [str(plans[0])] and len(outcome.rows) == 3
 
 
 def test_plans_are_measured_in_parallel_on_boards_under_one_key(lab, tiny_builds, tmp_path) -> None:
     plans = write_plans(tmp_path, 4)
-    outcome = profile_plans(ProfileConfig(target="host", plans=plans, out=tmp_path / "r", **at(lab), repeat=2,
-                                          warmup=0))
+    outcome = profile_plans(ProfileConfig(HOST_BUILD, plans=plans, out=tmp_path / "r", **at(lab), repeat=2, warmup=0))
     assert outcome.boards == 2 and len(outcome.rows) == 4
     assert len({row["board"] for row in outcome.rows}) == 2  # both boards measured plans
 
@@ -165,7 +168,7 @@ def test_emulated_timings_are_labelled_everywhere(lab, tiny_builds, tmp_path, mo
     monkeypatch.setattr(BoardSession, "_under_emulation", lambda self, arch: True)
     plans = write_plans(tmp_path, 1)
     out = tmp_path / "r"
-    outcome = profile_plans(ProfileConfig(target="host", plans=plans, out=out, **at(lab), repeat=2))
+    outcome = profile_plans(ProfileConfig(HOST_BUILD, plans=plans, out=out, **at(lab), repeat=2))
     assert outcome.rows[0]["timing"] == "emulated" and outcome.rows[0]["board_info"]["emulated"]
     assert "NOT board latency" in format_table(outcome.rows)
     assert "emulated" in (out / "results.csv").read_text()
@@ -185,7 +188,7 @@ def test_latency_table_from_per_op_rows(tmp_path) -> None:
                 "blocks.0.mlp.fc1": {"w": 8, "a": 8, "ms": 0.5}, "blocks.0.attn.matmul_qk": {"w": 8, "a": 8, "ms": 0.2}}}},
             {"timing": "emulated", "per_op": {"base_ms": 1.2, "layers": {
                 "blocks.0.mlp.fc1": {"w": 4, "a": 8, "ms": 0.3}, "blocks.0.attn.matmul_qk": {"w": 8, "a": 8, "ms": 0.2}}}}]
-    config = ProfileConfig(target="rasp4", plans=[], out=tmp_path, model="edgeq/vit-cifar10")
+    config = ProfileConfig(BuildConfig(target="rasp4", model="edgeq/vit-cifar10"), plans=[], out=tmp_path)
     path = profile_module.write_latency_table(rows, config, tmp_path / "t.json")
     table = LatencyTable.load(path)
     assert table.target == "rasp4" and table.model == "edgeq/vit-cifar10" and table.base_ms == pytest.approx(1.1)
@@ -197,7 +200,7 @@ def test_unreachable_board_fails_before_any_build(tiny_builds, tmp_path) -> None
     from edgeq.remote.local import free_port
 
     with pytest.raises(RemoteUnreachableError, match="refused"):
-        profile_plans(ProfileConfig(target="host", plans=write_plans(tmp_path, 1), out=tmp_path / "r",
+        profile_plans(ProfileConfig(HOST_BUILD, plans=write_plans(tmp_path, 1), out=tmp_path / "r",
                                     rpc=f"127.0.0.1:{free_port()}", env={}))
     assert tiny_builds == []
 
@@ -211,3 +214,15 @@ def test_results_of_another_target_are_not_mixed(tmp_path) -> None:
     (tmp_path / "results.json").write_text("[1, 2]")
     with pytest.raises(EdgeqError, match="not a profile results file"):
         profile_module.ResultsBook(tmp_path, {"model": "m", "target": "host"})
+
+
+def test_each_plan_is_built_as_the_profile_build_config_says(tmp_path, monkeypatch) -> None:
+    built = []
+    monkeypatch.setattr("edgeq.build.build_artifact", lambda config, folder: built.append(config))
+    plan = write_plans(tmp_path, 1)[0]
+    build = BuildConfig(target="rasp4", model="edgeq/swin-cifar10", calib="c.yaml", calib_count=8, method="repq")
+    job = profile_module.PlanJob(plan, "0123456789abcdef", {})
+    for data, eval_limit in ((None, build.eval_limit), ("val", 0)):  # with --data the board's check is the accuracy
+        config = ProfileConfig(build, plans=[plan], out=tmp_path, data=data)
+        profile_module.build_plan(job, config, tmp_path, lambda _: None)
+        assert built.pop() == dataclasses.replace(build, plan=str(plan), eval_limit=eval_limit)

@@ -19,7 +19,7 @@ def quantize_kernel_softmax(m: int = 6, k: int = 16, n: int = 10):
     """``softmax(float(qlinear(int8(round(x)))))``: glue, one integer kernel, glue."""
     from edgeq.lower.kernels import reference as ref
     from edgeq.lower.kernels.qlinear import qlinear_kernel
-    from edgeq.lower.kernels.relax_glue import emit_qlinear
+    from qlinear_module import emit_qlinear
 
     rng = np.random.default_rng(0)
     target = host_target(2)

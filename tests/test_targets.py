@@ -13,7 +13,8 @@ from cli_runner import run_cli
 from edgeq.compile import build, export_for_target, export_library
 from edgeq.errors import EdgeqError
 from edgeq.errors import TargetError, ToolchainMissingError
-from edgeq.targets import TargetSpec, elf_info, list_targets, load_target, targets_dir
+from edgeq.lower.kernels.micro import kernel_family
+from edgeq.targets import TargetSpec, as_tvm_target, elf_info, list_targets, load_target, targets_dir
 
 BOARDS = {"rasp4", "rasp4-32", "rasp5", "jetson-orin-nano", "jetson-nano", "mali", "host"}
 
@@ -319,7 +320,20 @@ def test_targets_command_says_when_a_cpu_falls_back_to_generic(capsys, name: str
 
 
 def test_gpu_without_integer_kernels_says_integer_plans_are_refused() -> None:
-    entry = load_target("mali").kernel_family()
+    entry = kernel_family(load_target("mali"))
     assert entry["kernel_family"] == "generic"
     assert entry["kernel_family_note"] == ("edgeq has no integer kernels for opencl devices: integer plans are "
                                            "refused, build with --float")
+
+
+def test_one_coercion_to_a_tvm_target_for_boards_dicts_and_tvm_strings():
+    import tvm
+
+    rasp4 = load_target("rasp4").tvm_target()
+    assert str(as_tvm_target("rasp4")) == str(rasp4) == str(as_tvm_target(load_target("rasp4")))
+    assert as_tvm_target(rasp4) is rasp4
+    haswell = {"kind": "llvm", "mcpu": "haswell"}
+    assert str(as_tvm_target(haswell)) == str(tvm.target.Target(haswell))
+    assert str(as_tvm_target("llvm")) == str(tvm.target.Target({"kind": "llvm"}))
+    with pytest.raises(TargetError, match="known boards: .*rasp4"):
+        as_tvm_target("rasp44")

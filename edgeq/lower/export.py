@@ -199,14 +199,6 @@ def _export_model(qmodel: QuantizedModel, registry: _Registry) -> nn.Module:
 
 # --- post-processing with onnx -----------------------------------------------------------------------
 
-def _np_int4_ok() -> bool:
-    try:
-        import ml_dtypes  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 class _Builder:
     def __init__(self, onnx_mod, use_int4: bool):
         self.onnx = onnx_mod

@@ -22,8 +22,9 @@ import tvm
 from tvm import relax
 
 from edgeq.lower.passes import FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftmaxLog2Codes, RemoveDeadQDQ
-from edgeq.lower.passes._graph import KERNEL_LAYERS_ATTR, Graph, resolve_target
+from edgeq.lower.passes._graph import KERNEL_LAYERS_ATTR, Graph
 from edgeq.lower.relax_import import module_json_attr
+from edgeq.targets import as_tvm_target
 
 __all__ = ["lower_integer", "kernel_constants", "weight_bytes", "integer_kernel_calls", "KERNEL_PREFIX"]
 
@@ -42,7 +43,7 @@ def lower_integer(mod: tvm.IRModule, target) -> tvm.IRModule:
     target dict; the kernels are scheduled for it. Raises :class:`~edgeq.errors.UnsupportedModelError` naming
     the binding of a quantized pattern no kernel covers.
     """
-    tvm_target = resolve_target(target)
+    tvm_target = as_tvm_target(target)
     seq = tvm.transform.Sequential([
         FuseQLinear(tvm_target),
         FuseQMatmul(tvm_target),

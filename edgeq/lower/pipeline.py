@@ -280,7 +280,7 @@ def keep_kernels_opaque(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 def _apply_tuning_db(tuning_db: str | os.PathLike, target: tvm.target.Target,
                      tuned: list[str] | None) -> tvm.transform.Pass:
     """MetaSchedule's database pass; the PrimFuncs it gives a tuned schedule are appended to ``tuned``."""
-    from edgeq.tune import apply_database_pass
+    from edgeq.lower.tuning_database import apply_database_pass
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.ApplyTuningDatabase")
     def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -134,11 +134,3 @@ def select_boards(port: int | None = None) -> list[BackgroundBoard]:
         ports = ", ".join(str(b.port) for b in boards) or "none"
         raise RemoteUnreachableError(f"no board started by edgeq serves on port {port} (recorded ports: {ports})")
     return chosen
-
-
-def environ_for(board: BackgroundBoard) -> dict[str, str]:
-    """Shell variables pointing edgeq at the board (``export`` lines in ``board start``'s output)."""
-    if board.tracker:
-        host, _, port = board.tracker.rpartition(":")
-        return {"TVM_TRACKER_HOST": host, "TVM_TRACKER_PORT": port, "TVM_TRACKER_KEY": board.key}
-    return {}

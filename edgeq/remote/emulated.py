@@ -36,6 +36,7 @@ from typing import Callable
 
 from edgeq.errors import ToolchainMissingError
 from edgeq.remote.local import BoardHandle, free_port, start_rpc_server
+from edgeq.remote.session import EMULATION_MARKER
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("EDGEQ_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -49,9 +50,6 @@ WHEELS = ("apache-tvm", "apache-tvm-ffi", "numpy", "ml_dtypes", "psutil", "cloud
 #: manylinux tags a bookworm (glibc 2.36) aarch64 system accepts; pip does not widen explicit --platform tags.
 MANYLINUX_TAGS = ("manylinux2014_aarch64",) + tuple(f"manylinux_2_{v}_aarch64" for v in range(17, 37))
 DEFAULT_KEY = "rasp4-emulated"
-#: A file in the sysroot that the guest sees at this absolute path (qemu looks under QEMU_LD_PREFIX first):
-#: how a session tells the emulated board from a real one.
-EMULATION_MARKER = "/etc/edgeq-emulated-board"
 DEFAULT_CPU = "cortex-a72"  # qemu's CPU model: like a Raspberry Pi 4 (no dot product), not qemu's "max"
 RECIPE_VERSION = 1
 

@@ -23,6 +23,9 @@ from edgeq.errors import ArtifactTargetMismatchError, RemoteRunError, RemoteUnre
 from edgeq.targets import ElfInfo, TargetSpec, elf_info, load_target
 
 DEFAULT_TRACKER_PORT = 9190
+#: A file in the emulated board's sysroot that the guest sees at this absolute path (qemu looks under
+#: QEMU_LD_PREFIX first): how a session tells the emulated board from a real one.
+EMULATION_MARKER = "/etc/edgeq-emulated-board"
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ def connect(
     else:
         host, port, matchkey = address.host, address.port, address.key
         where = address.describe()
-        _check_listening(host, port, timeout, where)
+        check_listening(host, port, timeout, where)
     from tvm import rpc as tvm_rpc
 
     try:
@@ -251,7 +254,7 @@ def connect(
     return BoardSession(session, address, (host, port))
 
 
-def _check_listening(host: str, port: int, timeout: float, where: str) -> None:
+def check_listening(host: str, port: int, timeout: float, where: str) -> None:
     """Fail fast with a clear reason when nothing listens (TVM's connect gives a terse C++ check failure)."""
     try:
         with socket.create_connection((host, port), timeout=min(timeout, 10.0)):
@@ -301,7 +304,7 @@ class BoardSession:
     # -- errors
 
     @contextlib.contextmanager
-    def _remote(self, doing: str) -> Iterator[None]:
+    def remote_step(self, doing: str) -> Iterator[None]:
         """Turn transport failures into :class:`RemoteRunError` naming what was being done."""
         try:
             yield
@@ -312,12 +315,12 @@ class BoardSession:
 
     def run(self, vm, function: str, *args):
         """``vm[function](*args)`` on the board; a board that fails or drops the session is :class:`RemoteRunError`."""
-        with self._remote(f"running {function}"):
+        with self.remote_step(f"running {function}"):
             return vm[function](*args)
 
     def call(self, function, *args, doing: str = "running a function"):
         """Call a remote function object; failures become :class:`RemoteRunError`."""
-        with self._remote(doing):
+        with self.remote_step(doing):
             return function(*args)
 
     # -- files and modules
@@ -326,7 +329,7 @@ class BoardSession:
         """Copy a local file into the server's work folder; returns its name there."""
         path = Path(path)
         name = name or path.name
-        with self._remote(f"uploading {path.name}"):
+        with self.remote_step(f"uploading {path.name}"):
             self.rpc.upload(str(path), target=name)
         return name
 
@@ -348,13 +351,13 @@ class BoardSession:
         if digest in self._modules:  # uploading over a library this session has loaded would crash the server
             return self._modules[digest]
         name = self.upload(path, name or f"{path.stem}-{digest[:16]}{path.suffix}")
-        with self._remote(f"loading {path.name}"):
+        with self.remote_step(f"loading {path.name}"):
             module = self.rpc.load_module(name)
         self._modules[digest] = module
         return module
 
     def device(self, kind: str = "cpu", index: int = 0):
-        with self._remote(f"opening device {kind}:{index}"):
+        with self.remote_step(f"opening device {kind}:{index}"):
             return self.rpc.device(kind, index)
 
     def vm(self, library, device: str | None = None, *, target: str | TargetSpec | None = None):
@@ -368,7 +371,7 @@ class BoardSession:
         if device is None:
             device = load_target(target).device_kind if target is not None else "cpu"
         dev = self.device(device)
-        with self._remote("creating the Relax VM"):
+        with self.remote_step("creating the Relax VM"):
             return relax.VirtualMachine(module, dev)
 
     def tensor(self, array, device: str = "cpu"):
@@ -376,14 +379,14 @@ class BoardSession:
         import tvm
 
         dev = self.device(device)
-        with self._remote("copying an input to the board"):
+        with self.remote_step("copying an input to the board"):
             return tvm.runtime.tensor(array, dev)
 
     def time(self, vm, function: str, *args, device: str = "cpu", number: int = 1, repeat: int = 3,
              min_repeat_ms: int = 0) -> list[float]:
         """Seconds per call of ``vm[function](*args)``, timed on the board itself, one value per repeat."""
         dev = self.device(device)
-        with self._remote(f"timing {function}"):
+        with self.remote_step(f"timing {function}"):
             timer = vm.time_evaluator(function, dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
             return [float(t) for t in timer(*args).results]
 
@@ -412,7 +415,7 @@ class BoardSession:
             devices.append((kind, exists))
         elf: ElfInfo | None = None
         method = ""
-        with self._remote("reading what the board is"):
+        with self.remote_step("reading what the board is"):
             with contextlib.suppress(Exception):
                 # the RPC server's download reads any path; /proc/self/exe is the server's own interpreter
                 elf = elf_info(bytes(self.rpc.download("/proc/self/exe")[:64]))
@@ -433,8 +436,6 @@ class BoardSession:
         """Whether the server runs under qemu-user: the emulated board's sysroot holds a marker file that qemu
         shows the guest at an absolute path (a real board has no such file). /proc cannot tell: the server's
         download reads a file by its size, and /proc files have none."""
-        from edgeq.remote.emulated import EMULATION_MARKER
-
         with contextlib.suppress(Exception):
             return len(bytes(self.rpc.download(EMULATION_MARKER))) > 0
         return False

@@ -11,8 +11,7 @@
 * :mod:`.micro` — target families (x86 AVX2, Cortex-A72 NEON, ARM dot product, CUDA dp4a, generic), their
   micro-kernels and weight layouts; :mod:`.requant` — the SIMD requantization, why it is exact, and a
   standalone ``requantize_kernel`` (int32 -> int8, e.g. after ``log2_av``).
-* :mod:`.relax_glue` — ``R.call_tir`` emission and a runnable Relax example; :mod:`.runner` — host
-  compile-and-call helper; :mod:`.emulate` — aarch64 builds run under qemu for bit-exact checks.
+* :mod:`.relax_glue` — ``R.call_tir`` emission; :mod:`.runner` — host compile-and-call helper.
 
 All builders return scheduled ``tvm.tirx.PrimFunc`` objects (``tirx.is_scheduled`` set) for fixed shapes;
 they raise ``ValueError`` for arguments outside the supported ranges (they are called by the lowering

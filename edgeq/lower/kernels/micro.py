@@ -42,14 +42,17 @@ int16-lane kernels fold into the packed values.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import tirx
 
+from edgeq.targets import GENERIC_KERNEL_FAMILY, as_tvm_target as as_target  # as_target: the kernel builders' name
+
 __all__ = ["Microkernel", "MICROKERNELS", "as_target", "select_microkernel", "select_attention_microkernel",
-           "pack_weight_panels"]
+           "kernel_family", "pack_weight_panels"]
 
 
 @dataclass(frozen=True)
@@ -148,13 +151,6 @@ MICROKERNELS: dict[str, Microkernel] = {
 }
 
 
-def as_target(target) -> tvm.target.Target:
-    """A :class:`tvm.target.Target` from a Target, a JSON dict or a tag/kind string."""
-    if isinstance(target, tvm.target.Target):
-        return target
-    return tvm.target.Target(target)
-
-
 def _has_feature(target: tvm.target.Target, feature: str) -> bool:
     try:
         return bool(tvm.target.codegen.target_has_features([feature], target))
@@ -193,6 +189,25 @@ X86_FAMILY_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def kernel_family(spec) -> dict:
+    """``kernel_family``: the integer kernel family edgeq schedules for the board ``spec``
+    (a :class:`edgeq.targets.TargetSpec`, see :func:`select_microkernel`); ``kernel_family_note``: why, when it
+    is the ``generic`` fallback, else None."""
+    target = spec.target
+    family = select_microkernel(spec.tvm_target()).family
+    note = None
+    if family == GENERIC_KERNEL_FAMILY and spec.is_gpu:
+        note = (f"edgeq has no integer kernels for {spec.kind} devices: integer plans are refused, "
+                "build with --float")
+    elif family == GENERIC_KERNEL_FAMILY:
+        features = ", ".join(f"{key} {json.dumps(target[key])}" for key in ("kind", "mtriple", "mcpu", "mattr")
+                             if key in target)
+        note = (f"no kernel family covers this target ({features}): integer kernels fall back to "
+                f"{GENERIC_KERNEL_FAMILY!r}, plain widening multiply-adds that LLVM vectorizes as it can "
+                "(exact, but slow)")
+    return {"kernel_family": family, "kernel_family_note": note}
+
+
 def select_attention_microkernel(target, family: str | None = None) -> Microkernel:
     """The micro-kernel for q @ k^T and p @ v: the GEMM family's ``attention_family`` unless ``family`` is given.
 
@@ -203,36 +218,6 @@ def select_attention_microkernel(target, family: str | None = None) -> Microkern
     if family is None and micro.attention_family:
         return MICROKERNELS[micro.attention_family]
     return micro
-
-
-# /proc/cpuinfo flag -> LLVM feature, for the features that choose a kernel family (and what they build on)
-_CPUINFO_LLVM_FEATURES = {
-    "avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
-    "avx512dq": "avx512dq", "avx512cd": "avx512cd", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni",
-}
-
-
-def host_mattr(mcpu: str, cpuinfo: str | None = None) -> list[str]:
-    """``+feature`` entries this machine's CPU has (``/proc/cpuinfo``) but LLVM's model of ``mcpu`` lacks.
-
-    LLVM names a CPU by its family and model, which a hypervisor may report as an older part (a Xeon with
-    AVX-VNNI seen as "rocketlake"); the flags the kernel families depend on then come from the CPU itself.
-    """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return []
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            break
-    model = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-    return [f"+{feature}" for flag, feature in _CPUINFO_LLVM_FEATURES.items()
-            if flag in flags and not _has_feature(model, feature)]
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
-from .micro import as_target, host_mattr
+from edgeq.targets import host_mattr
+
+from .micro import as_target
 
 __all__ = ["host_target", "HostKernel"]
 

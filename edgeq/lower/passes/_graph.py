@@ -22,7 +22,7 @@ from edgeq.lower.relax_import import LAYER_KEYS_ATTR, module_json_attr
 tvm_ffi.register_error(UnsupportedModelError.__name__, UnsupportedModelError)
 
 __all__ = ["Graph", "QAct", "QWeight", "shape_of", "dtype_of", "match_act_dequant", "match_weight_dequant",
-           "LayerNamer", "resolve_target", "cached_kernel", "KERNEL_LAYERS_ATTR", "BindingRewriter",
+           "LayerNamer", "cached_kernel", "KERNEL_LAYERS_ATTR", "BindingRewriter",
            "rewrite_functions"]
 
 
@@ -196,23 +196,6 @@ class LayerNamer:
             layer = f"{kind}{n}"
         self.used.add(layer)
         return layer
-
-
-def resolve_target(target) -> tvm.target.Target:
-    """A :class:`tvm.target.Target` from an edgeq board name/spec, a Target, or a TVM target dict."""
-    if isinstance(target, tvm.target.Target):
-        return target
-    if isinstance(target, dict):
-        return tvm.target.Target(target)
-    from edgeq.targets import load_target
-
-    return load_target(target).tvm_target()
-
-
-def main_functions(mod: tvm.IRModule):
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            yield gv, func
 
 
 _KERNEL_CACHE: dict = {}

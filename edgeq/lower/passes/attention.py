@@ -47,8 +47,9 @@ from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
 from edgeq.lower.kernels.relax_glue import emit_call
 from edgeq.lower.relax_import import matmul_key
+from edgeq.targets import as_tvm_target
 
-from ._graph import (BindingRewriter, Graph, cached_kernel, dtype_of, match_act_dequant, resolve_target,
+from ._graph import (BindingRewriter, Graph, cached_kernel, dtype_of, match_act_dequant,
                      rewrite_functions, shape_of)
 
 __all__ = ["FuseQMatmul", "FuseLog2AV", "Log2Codes", "match_log2_codes", "log2_table", "softmax_source", "evaluate_chain"]
@@ -103,7 +104,7 @@ class FuseQMatmul:
     """Matmuls of two quantized activations -> integer ``qk`` kernels (see the module docstring)."""
 
     def __init__(self, target):
-        self.target = resolve_target(target)
+        self.target = as_tvm_target(target)
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return rewrite_functions(mod, _QMatmulRewriter(mod, self.target))
@@ -398,7 +399,7 @@ class FuseLog2AV:
     """``softmax @ v`` with log2-coded probabilities -> shift-based ``log2_av`` kernels (module docstring)."""
 
     def __init__(self, target):
-        self.target = resolve_target(target)
+        self.target = as_tvm_target(target)
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return rewrite_functions(mod, _Log2AVRewriter(mod, self.target))

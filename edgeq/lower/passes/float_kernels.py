@@ -29,8 +29,8 @@ import tvm
 from tvm import relax
 
 from edgeq.lower.kernels.fgemm import FloatGemmKernel, float_gemm_kernel
-from edgeq.lower.kernels.micro import as_target
 from edgeq.lower.kernels.softmax import softmax_kernel
+from edgeq.targets import as_tvm_target
 
 __all__ = ["FloatKernels", "rewrite_float_kernels"]
 
@@ -235,7 +235,7 @@ class _FloatKernelRewriter(relax.PyExprMutator):
 
 def rewrite_float_kernels(mod: tvm.IRModule, target) -> tuple[tvm.IRModule, int]:
     """``mod`` with float matmuls / patch convs as fp32 GEMM kernels, and how many calls were rewritten."""
-    tgt = as_target(target)
+    tgt = as_tvm_target(target)
     rewriter = _FloatKernelRewriter(mod, tgt)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
@@ -250,7 +250,7 @@ class FloatKernels:
     """Module pass wrapper of :func:`rewrite_float_kernels` for a target."""
 
     def __init__(self, target):
-        self.target = as_target(target)
+        self.target = as_tvm_target(target)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return rewrite_float_kernels(mod, self.target)[0]

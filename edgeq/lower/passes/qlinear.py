@@ -40,9 +40,10 @@ from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.qlinear import qlinear_kernel
 from edgeq.lower.kernels.relax_glue import emit_call
 from edgeq.lower.relax_import import weight_key
+from edgeq.targets import as_tvm_target
 
 from ._graph import (BindingRewriter, Graph, LayerNamer, QAct, QWeight, cached_kernel, match_act_dequant,
-                     match_weight_dequant, resolve_target, rewrite_functions, shape_of)
+                     match_weight_dequant, rewrite_functions, shape_of)
 
 __all__ = ["FuseQLinear", "LinearMatch", "match_linear"]
 
@@ -267,7 +268,7 @@ class FuseQLinear:
     """Quantized Linear / patch-conv chains -> ``qlinear`` kernels (see the module docstring)."""
 
     def __init__(self, target):
-        self.target = resolve_target(target)
+        self.target = as_tvm_target(target)
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return rewrite_functions(mod, _QLinearRewriter(mod, self.target))

@@ -29,8 +29,9 @@ from tvm.relax.expr_functor import mutator
 
 from edgeq.lower.kernels.relax_glue import emit_call
 from edgeq.lower.kernels.softmax import UNDERFLOW_LOG2, softmax_log2_codes_kernel
+from edgeq.targets import as_tvm_target
 
-from ._graph import BindingRewriter, Graph, cached_kernel, dtype_of, resolve_target, rewrite_functions, shape_of
+from ._graph import BindingRewriter, Graph, cached_kernel, dtype_of, rewrite_functions, shape_of
 from .attention import evaluate_chain, softmax_source
 
 __all__ = ["FuseSoftmaxLog2Codes", "Log2Quantizer", "fit_log2_quantizer"]
@@ -155,7 +156,7 @@ class FuseSoftmaxLog2Codes:
     """Softmax + log2 quantize chain -> one ``softmax_log2_codes`` kernel (see the module docstring)."""
 
     def __init__(self, target):
-        self.target = resolve_target(target)
+        self.target = as_tvm_target(target)
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.target.kind.name != "llvm":  # the kernel has a CPU schedule only; GPUs keep the float chain
