@@ -362,6 +362,35 @@ def print_table(rows: list[dict], ratios: list[dict]) -> None:
         print(f"{q['core']}: {q['case']} / {q['over']} MAC/cycle = {q['ratio']:.2f}")
 
 
+# Candidate inner loops for narrow widths, written by hand: each step multiplies 8 or 16 int8 lanes and adds them
+# into int16/int32 lanes, four independent accumulator chains. (label, instruction, MACs per instruction)
+NARROW_LOOPS = (
+    ("w8a8 today: smull + sadalp (int16 products, int32 pair sums)", (
+        "smull v16.8h, v0.8b, v8.8b", "sadalp v20.4s, v16.8h", "smull v17.8h, v1.8b, v9.8b", "sadalp v21.4s, v17.8h",
+        "smull v18.8h, v2.8b, v10.8b", "sadalp v22.4s, v18.8h", "smull v19.8h, v3.8b, v11.8b",
+        "sadalp v23.4s, v19.8h"), 32),
+    ("w4a8: smlal/smlal2 into int16 lanes (|w*x| <= 1024: 31 steps before widening)", (
+        "smlal v16.8h, v0.8b, v8.8b", "smlal2 v17.8h, v0.16b, v8.16b", "smlal v18.8h, v1.8b, v9.8b",
+        "smlal2 v19.8h, v1.16b, v9.16b", "smlal v20.8h, v2.8b, v10.8b", "smlal2 v21.8h, v2.16b, v10.16b",
+        "smlal v22.8h, v3.8b, v11.8b", "smlal2 v23.8h, v3.16b, v11.16b"), 64),
+    ("w4a4: tbl product tables (|w*x| <= 120 fits int8) + sadalp into int16", (
+        "tbl v16.16b, {v0.16b}, v8.16b", "sadalp v20.8h, v16.16b", "tbl v17.16b, {v2.16b}, v9.16b",
+        "sadalp v21.8h, v17.16b", "tbl v18.16b, {v4.16b}, v10.16b", "sadalp v22.8h, v18.16b",
+        "tbl v19.16b, {v6.16b}, v11.16b", "sadalp v23.8h, v19.16b"), 64),
+)
+
+
+def print_narrow_loops(tool: str, cores: list[str]) -> None:
+    """MAC/cycle llvm-mca predicts for NARROW_LOOPS: whether a narrow width can buy time on these cores."""
+    print("| core | loop | model | cycles/iter | MAC/cycle |")
+    print("|---|---|---|---|---|")
+    for core in cores:
+        for label, body, macs in NARROW_LOOPS:
+            report = run_mca(tool, core, "\n".join(body) + "\n")
+            print(f"| {core} | {label} | {report.model} | {report.cycles_per_iteration:.2f} | "
+                  f"{macs / report.cycles_per_iteration:.2f} |")
+
+
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from edgeq.lower.kernels.micro import MICROKERNELS
@@ -374,6 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--family", choices=aarch64_families, help="force this micro-kernel family on every core")
     ap.add_argument("--llvm-mca", default=os.environ.get("LLVM_MCA", "llvm-mca"), help="llvm-mca executable")
     ap.add_argument("--json", type=Path, metavar="OUT", help="also write the machine, rows and ratios here")
+    ap.add_argument("--narrow-loops", action="store_true",
+                    help="instead: llvm-mca on hand-written int16-accumulation and table-lookup loops")
     args = ap.parse_args(argv)
     tool = shutil.which(args.llvm_mca)
     if tool is None:
@@ -384,6 +415,9 @@ def main(argv=None) -> int:
 
     machine = machine_and_tool_lines(tool)
     print("\n".join(machine))
+    if args.narrow_loops:
+        print_narrow_loops(tool, args.cores)
+        return 0
     print(f"qlinear {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}, int8 activations; llvm-mca -iterations="
           f"{ITERATIONS} on the GEMM micro-kernel's hot loop (a prediction, not a board measurement)")
     rows = measure(args.cases, args.cores, args.family, tool, log)

@@ -91,3 +91,14 @@ def test_a72_w8a8_prediction_is_plausible():
     assert prediction.cycles_per_iteration > 0
     assert 0 < prediction.macs_per_cycle <= prediction.peak_macs_per_cycle <= prediction.mac_only_peak
     assert 0.1 < prediction.fraction_of_peak <= 1.0
+
+
+@pytest.mark.skipif(LLVM_MCA is None, reason="llvm-mca missing: run deploy/install-host-tools.sh (Debian package llvm)")
+def test_narrow_loops_are_predicted(capsys):
+    """Each hand-written narrow-width loop assembles and gets a MAC/cycle within the A72 model's NEON limits."""
+    arm_mca.print_narrow_loops(LLVM_MCA, ["cortex-a72"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cortex-a72")]
+    assert len(rows) == len(arm_mca.NARROW_LOOPS)
+    for row in rows:
+        macs_per_cycle = float(row.rstrip(" |").rsplit("|", 1)[1])
+        assert 2.0 < macs_per_cycle <= 16.0
