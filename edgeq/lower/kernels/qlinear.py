@@ -242,7 +242,16 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
         half = LW // 2  # byte i holds lane i (low nibble) and lane i + half (high nibble)
         return tirx.Cast(lane_dtype, nibble(Wp[vb, vg, tirx.floormod(vl_, half)], tirx.floordiv(vl_, half)))
 
+    # uint8 activations the micro-kernel takes as they are, whole groups of them: the packed groups are the
+    # activation rows themselves read as int32, so there is no packing stage (rows past M repeat the last)
+    direct = (micro.act_unsigned and x_dtype == "uint8" and ksub == 1 and micro.lane_bits == 8 and kg == 4
+              and K % kg == 0)
+    a_shape = (1, 1) if direct else (Mp, KG * ksub)
+    a_rows = M if direct else Mp
+
     def step(acc, A, vm, vg, w):
+        if direct:
+            return step_expr(micro, acc, A[tirx.min(vm, M - 1), vg], w)
         a = [A[vm, vg * ksub + i] for i in range(ksub)] if ksub > 1 else A[vm, vg]
         return step_expr(micro, acc, a, w)
 
@@ -276,7 +285,7 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
         for m, b, j, g in T.grid(Mp, NBLK, J, KG):
             with T.sblock("C"):
                 vm, vb, vj, vg = T.axis.remap("SSSR", [m, b, j, g])
-                T.reads(A[vm, vg * ksub: vg * ksub + ksub], P[vb, vg, vj * LV: vj * LV + LV])
+                T.reads(A[0:a_rows, vg * ksub: vg * ksub + ksub], P[vb, vg, vj * LV: vj * LV + LV])
                 T.writes(C[vm, vb, vj * vl: vj * vl + vl])
                 with T.init():
                     C[vm, vb, lanes(vj * vl, vl)] = T.broadcast(T.int32(0), vl) if vl > 1 else T.int32(0)
@@ -288,10 +297,13 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
                  RQ: T.Buffer((6, N), "int32"), O: T.Buffer((M, N), out_dtype)):
             T.func_attr({"tirx.noalias": True})
-            A = T.sblock_alloc_buffer((Mp, KG * ksub), a_dtype)
             C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
             P = T.sblock_alloc_buffer(p_shape, lane_dtype)
-            stage_a(X, A)
+            if direct:
+                A = T.decl_buffer((M, KG), "int32", data=X.data)
+            else:
+                A = T.sblock_alloc_buffer(a_shape, a_dtype)
+                stage_a(X, A)
             if needs_panel:
                 stage_p(Wp, P)
                 stage_c(A, P, C)
@@ -306,10 +318,13 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
                  O: T.Buffer((M, N), "int32")):
             T.func_attr({"tirx.noalias": True})
-            A = T.sblock_alloc_buffer((Mp, KG * ksub), a_dtype)
             C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
             P = T.sblock_alloc_buffer(p_shape, lane_dtype)
-            stage_a(X, A)
+            if direct:
+                A = T.decl_buffer((M, KG), "int32", data=X.data)
+            else:
+                A = T.sblock_alloc_buffer(a_shape, a_dtype)
+                stage_a(X, A)
             if needs_panel:
                 stage_p(Wp, P)
                 stage_c(A, P, C)
@@ -352,7 +367,7 @@ def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unr
                   w_bits: int = 8) -> tirx.PrimFunc:
     sch = Schedule(func)
     blocks = root_blocks(sch)
-    b_a, b_c, b_o, b_p = blocks["A"], blocks["C"], blocks["O"], blocks.get("P")
+    b_a, b_c, b_o, b_p = blocks.get("A"), blocks["C"], blocks["O"], blocks.get("P")
     m, nblk, j, g = sch.get_loops(b_c)
     n_blocks = int(sch.get(nblk).extent)
     mo, mi = sch.split(m, [None, micro.mr])
@@ -382,8 +397,8 @@ def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unr
     sch.unroll(j)
     o_loops = sch.get_loops(b_o)
     vectorize(sch, o_loops[-1])
-    a_loops = sch.get_loops(b_a)
-    parallel(sch, a_loops[0])
+    if b_a is not None:
+        parallel(sch, sch.get_loops(b_a)[0])
     return sch.mod["main"]
 
 
