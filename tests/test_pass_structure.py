@@ -22,7 +22,8 @@ from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
 from edgeq.lower.kernels.fgemm import float_gemm_kernel
 from edgeq.lower.kernels.qlinear import qlinear_kernel
 from edgeq.lower.kernels.softmax import softmax_log2_codes_kernel
-from edgeq.lower.passes import FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftmaxLog2Codes, RemoveDeadQDQ
+from edgeq.lower.passes import (FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftmaxLog2Codes, MultiplyByReciprocal,
+                                RemoveDeadQDQ)
 from edgeq.lower.passes._graph import KERNEL_LAYERS_ATTR
 from edgeq.lower.passes.float_kernels import FloatKernels
 
@@ -214,6 +215,38 @@ def test_remove_dead_qdq_drops_the_dequantize_chains_nothing_reads():
             return out
 
     tvm.ir.assert_structural_equal(RemoveDeadQDQ()(Before), Expected)
+
+
+def test_multiply_by_reciprocal_rewrites_constant_divisions_and_quantize_scales():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 3), "float32"), y: R.Tensor((2, 3), "float32")) -> R.Tensor((2, 3), "uint8"):
+            with R.dataflow():
+                a = R.divide(x, R.const(1.4142135, "float32"))
+                b = R.divide(a, y)  # not a constant: stays a division
+                c = R.divide(b, R.const(0.0, "float32"))  # no finite reciprocal: stays
+                out = R.quantize(c, R.const(0.1, "float32"), R.const(3, "uint8"), axis=-1, out_dtype="uint8")
+                R.output(out)
+            return out
+
+    inverse_sqrt2 = float(np.float32(1 / np.float64(np.float32(1.4142135))))
+    inverse_scale = float(np.float32(1 / np.float64(np.float32(0.1))))
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((2, 3), "float32"), y: R.Tensor((2, 3), "float32")) -> R.Tensor((2, 3), "uint8"):
+            with R.dataflow():
+                a = R.multiply(x, R.const(inverse_sqrt2, "float32"))
+                b = R.divide(a, y)
+                c = R.divide(b, R.const(0.0, "float32"))
+                scaled = R.multiply(c, R.const(inverse_scale, "float32"))
+                out = R.quantize(scaled, R.const(1.0, "float32"), R.const(3, "uint8"), axis=-1, out_dtype="uint8")
+                R.output(out)
+            return out
+
+    tvm.ir.assert_structural_equal(MultiplyByReciprocal()(Before), Expected)
 
 
 def test_float_kernels_fuse_a_constant_bias_into_the_packed_gemm():

@@ -21,7 +21,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from edgeq.lower.passes import FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftmaxLog2Codes, RemoveDeadQDQ
+from edgeq.lower.passes import (FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftmaxLog2Codes, MultiplyByReciprocal,
+                                RemoveDeadQDQ)
 from edgeq.lower.passes._graph import KERNEL_LAYERS_ATTR, Graph
 from edgeq.lower.relax_import import module_json_attr
 from edgeq.targets import as_tvm_target
@@ -50,6 +51,7 @@ def lower_integer(mod: tvm.IRModule, target) -> tvm.IRModule:
         FuseLog2AV(tvm_target),  # reads the quantize chain to bound the codes: before it is replaced
         FuseSoftmaxLog2Codes(tvm_target),
         RemoveDeadQDQ(),
+        MultiplyByReciprocal(),  # the float glue left between the kernels: after every pattern was matched
     ], name="edgeq.LowerInteger")
     return seq(mod)
 

@@ -108,7 +108,7 @@ def _has_root(sch: Schedule) -> bool:
         return False
 
 
-def _parallel_vectorize(sch: Schedule, block, max_threads: int) -> None:
+def _parallel_vectorize(sch: Schedule, block, max_threads: int, lanes: int = _VECTOR_LANES) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -117,8 +117,8 @@ def _parallel_vectorize(sch: Schedule, block, max_threads: int) -> None:
     inner = None
     if all_spatial and len(spatial) >= 1:
         extent = int(sch.get(spatial[-1]).extent)
-        if extent % _VECTOR_LANES == 0 and extent > _VECTOR_LANES:
-            outer, inner = sch.split(spatial[-1], [None, _VECTOR_LANES])
+        if extent % lanes == 0 and extent > lanes:
+            outer, inner = sch.split(spatial[-1], [None, lanes])
             # rows in parallel, each row's vectors in a plain loop: fusing the row loop with the vector loop
             # leaves div/mod index arithmetic the vectorizer turns into gathers
             spatial = spatial[:-1] if _extent(sch, spatial[:-1]) >= _MIN_PARALLEL_ROWS else spatial[:-1] + [outer]
@@ -216,8 +216,12 @@ def _reduce_in_lanes(sch: Schedule, block, max_threads: int) -> bool:
     return True
 
 
-def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.PrimFunc:
-    """A parallel, vectorized schedule of a legalized PrimFunc (returned unchanged when it does not apply)."""
+def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2, lanes: int = _VECTOR_LANES) -> tirx.PrimFunc:
+    """A parallel, vectorized schedule of a legalized PrimFunc (returned unchanged when it does not apply).
+
+    ``lanes``: the vector length of element-wise blocks (each element computed alone: any length gives the same
+    bits); row reductions always use :data:`_VECTOR_LANES` partial sums, so their order is the same on every
+    target."""
     try:
         sch = Schedule(func)
         if not _has_root(sch):
@@ -234,10 +238,19 @@ def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.Pri
                     sch = trial
                     break
             else:
-                _parallel_vectorize(sch, block, max_threads)
+                _parallel_vectorize(sch, block, max_threads, lanes)
         return sch.mod["main"]
     except (RuntimeError, ValueError):  # the schedule primitive refused: keep the function as it is
         return func
+
+
+def _elementwise_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of one vector register: 16 with AVX-512, else :data:`_VECTOR_LANES`."""
+    try:
+        wide = bool(tvm.target.codegen.target_has_features(["avx512f"], target))
+    except Exception:  # an LLVM without the x86 backend, or a target kind it does not describe
+        wide = False
+    return 16 if wide else _VECTOR_LANES
 
 
 def _num_cores(target: tvm.target.Target) -> int:
@@ -253,10 +266,11 @@ class ScheduleCPU:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         threads = _num_cores(self.target)
+        lanes = _elementwise_lanes(self.target)
         updates = {}
         for gv, func in mod.functions.items():
             if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
-                updates[gv] = schedule_cpu_primfunc(func, threads).with_attr(_SCHEDULED, True)
+                updates[gv] = schedule_cpu_primfunc(func, threads, lanes).with_attr(_SCHEDULED, True)
         for gv, func in updates.items():
             mod[gv] = func
         return mod

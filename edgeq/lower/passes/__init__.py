@@ -6,13 +6,16 @@
 * :class:`FuseLog2AV` (:mod:`.attention`) -- ``softmax @ v`` with log2 codes -> shift-based ``log2_av``;
 * :class:`FuseSoftmaxLog2Codes` (:mod:`.softmax_codes`) -- Softmax and the log2 quantize chain after it -> one
   ``softmax_log2_codes`` kernel (codes without a probability tensor or a per-element log);
-* :class:`RemoveDeadQDQ` (:mod:`.cleanup`) -- drop the dead dequantize chains, refuse quantized ops left in float.
+* :class:`RemoveDeadQDQ` (:mod:`.cleanup`) -- drop the dead dequantize chains, refuse quantized ops left in float;
+* :class:`MultiplyByReciprocal` (:mod:`.reciprocal`) -- the float glue's divisions by constants (GELU's
+  ``/ sqrt(2)``, every activation quantize) become multiplications by float32 reciprocals.
 
 :func:`edgeq.lower.integer.lower_integer` runs them in this order.
 """
 from .attention import FuseLog2AV, FuseQMatmul
 from .cleanup import RemoveDeadQDQ
 from .qlinear import FuseQLinear
+from .reciprocal import MultiplyByReciprocal
 from .softmax_codes import FuseSoftmaxLog2Codes
 
-__all__ = ["FuseLog2AV", "FuseQLinear", "FuseQMatmul", "FuseSoftmaxLog2Codes", "RemoveDeadQDQ"]
+__all__ = ["FuseLog2AV", "FuseQLinear", "FuseQMatmul", "FuseSoftmaxLog2Codes", "MultiplyByReciprocal", "RemoveDeadQDQ"]

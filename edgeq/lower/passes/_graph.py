@@ -243,8 +243,9 @@ class BindingRewriter(PyExprMutator):
         raise NotImplementedError
 
 
-def rewrite_functions(mod: tvm.IRModule, rewriter) -> tvm.IRModule:
-    """Run a binding rewriter (with a ``graph`` attribute) over every Relax function of ``mod``."""
+def rewrite_functions(mod: tvm.IRModule, rewriter, record_layers: bool = True) -> tvm.IRModule:
+    """Run a binding rewriter (with a ``graph`` attribute) over every Relax function of ``mod``;
+    ``record_layers``: annotate the module with the kernels' layers (passes that emit kernels)."""
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             rewriter.graph = Graph(func)
@@ -252,4 +253,5 @@ def rewrite_functions(mod: tvm.IRModule, rewriter) -> tvm.IRModule:
             if rewriter.error is not None:
                 raise rewriter.error
             rewriter.builder_.update_func(gv, new)
-    return rewriter.namer.annotate(rewriter.builder_.get())
+    out = rewriter.builder_.get()
+    return rewriter.namer.annotate(out) if record_layers else out
