@@ -1,7 +1,7 @@
 """Row softmax kernels: float probabilities, or straight to log2 codes (no probability tensor, one log per row).
 
 Both read ``scores[R, S]`` and make the same three passes over a row: its maximum ``m`` and ``sum_i exp(z_i - m)``,
-each as 8 lane partials (each in index order) combined in lane order, then the output. ``softmax_kernel``
+each as 16 lane partials (each in index order) combined in lane order, then the output. ``softmax_kernel``
 writes ``p_j = exp(z_j - m) * (1 / sum)``; ``softmax_log2_codes_kernel`` writes the codes below.
 
 edgeq's post-Softmax quantizer turns a probability ``p`` into ``code = clamp(round(-a * log2(p / s)), 0, Z)``
@@ -13,7 +13,7 @@ edgeq's post-Softmax quantizer turns a probability ``p`` into ``code = clamp(rou
 
 so each element costs a subtract, a multiply-add and a round; the exponentials only feed the row's sum and the
 one ``log2`` per row is a short polynomial. Both are written out here in IEEE operations (no libm: the board's
-library must give the host's bits) and every reduction keeps a fixed order (8 partial maxima/sums, each in
+library must give the host's bits) and every reduction keeps a fixed order (16 partial maxima/sums, each in
 index order, then combined in lane order), so the x86 and aarch64 builds agree bit for bit.
 
 Against the float chain it replaces (softmax, divide, log, multiply, round, clamps) the codes differ only
@@ -40,7 +40,7 @@ from .qlinear import parallel, root_blocks, vectorize
 __all__ = ["SoftmaxKernel", "softmax_kernel", "softmax_log2_codes_kernel", "softmax_log2_codes_reference",
            "UNDERFLOW_LOG2"]
 
-LANES = 8  # partial maxima / sums per row: independent chains, one AVX2 vector (two NEON vectors)
+LANES = 16  # partial maxima / sums per row: independent chains, one AVX-512 vector (two AVX2, four NEON)
 LOG2E = 1.4426950408889634
 #: ``-log2(p)`` beyond which float32 rounds ``p`` to 0 (half the smallest subnormal, 2**-150)
 UNDERFLOW_LOG2 = 150.0
