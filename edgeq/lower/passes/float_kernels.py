@@ -13,7 +13,7 @@ function, for float32 operands with static shapes:
   last two axes);
 * ``R.nn.conv2d`` whose stride equals its kernel size (no padding, dilation or groups: a ViT/Swin patch
   embedding) by an im2col reshape/transpose and a packed-weight kernel;
-* ``R.nn.softmax`` over the last axis by :func:`edgeq.lower.kernels.softmax.softmax_kernel` (8 lane partials per
+* ``R.nn.softmax`` over the last axis by :func:`edgeq.lower.kernels.softmax.softmax_kernel` (16 lane partials per
   row: the generic schedule interleaves rows instead, which at 197 tokens means strided loads).
 
 Anything else (integer ``R.call_tir`` kernels included, dynamic shapes, other dtypes) is left as it is. The
