@@ -64,8 +64,10 @@ def runnable(family: str) -> bool:
 
 
 RUNNABLE = [f for f in FAMILY_CPUS if runnable(f)]
-# q @ k^T and p @ v run with each GEMM family's attention family (the VNNI ones use int16 lanes)
+# p @ v runs with each GEMM family's attention family (its vector width; the VNNI ones use AVX-512BW or AVX2)
 FAMILIES = [f for f in ("generic", "x86_avx2", "x86_avx512bw") if f in RUNNABLE]
+# q @ k^T runs on every GEMM family but the int4-only one (VNNI: q as uint8, zero points as sum corrections)
+QK_FAMILIES = [f for f in RUNNABLE if f != "x86_avx2_u8s8"]
 QLINEAR_CASES = [(f, b) for f in RUNNABLE if f != "x86_avx2_u8s8" for b in (8, 4)] + \
     [("x86_avx2_u8s8", 4)] * ("x86_avx2_u8s8" in RUNNABLE)
 
@@ -131,7 +133,7 @@ def test_qlinear_small_output_requant():
     np.testing.assert_array_equal(out, ref.qlinear(x, 2, w, None, mult, shift, 1))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", QK_FAMILIES)
 @pytest.mark.parametrize("shape", [(3, 197, 197, 64), (2, 7, 9, 13), (1, 1, 1, 1)])
 def test_qk(family, shape):
     rng = np.random.default_rng(6)
@@ -240,14 +242,17 @@ def test_avx2_int4_weights_use_u8s8():
         qk_kernel(1, 4, 4, 8, target, family="x86_avx2_u8s8")
 
 
-def test_vnni_targets_run_attention_with_int16_lanes():
+def test_vnni_targets_run_attention_with_int16_lanes_unless_asked():
     for family, attention in (("x86_vnni512", "x86_avx512bw"), ("x86_vnni256", "x86_avx2"),
                               ("x86_avx512bw", "x86_avx512bw")):
         target = family_target(family)
         assert qk_kernel(1, 4, 4, 8, target).micro.family == attention
         assert log2_av_kernel(1, 4, 4, 8, target).micro.family == attention
-    with pytest.raises(ValueError):
-        qk_kernel(1, 4, 4, 8, family_target("x86_vnni512"), family="x86_vnni512")
+        if family != "x86_avx512bw":  # asked for, q @ k^T runs on vpdpbusd with zero-point sum corrections
+            kern = qk_kernel(3, 197, 197, 64, target, q_dtype="uint8", q_zp=131, k_zp=-3, family=family)
+            assert kern.micro.family == family
+            if X86_HOST:
+                assert "vpdpbusd" in HostKernel(kern.func, kern.name, target).asm()
 
 
 def test_pack_rejects_bad_inputs():
@@ -278,7 +283,7 @@ def test_requantize_kernel(shape, per_channel, out_dtype, out_zp):
     np.testing.assert_array_equal(out.reshape(shape), ref.requantize(acc, mult, shift, out_zp, 8, out_dtype))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", QK_FAMILIES)
 @pytest.mark.parametrize("shape", [(2, 7, 37, 13), (1, 5, 21, 8), (1, 3, 17, 2)])
 def test_qk_shifted_last_panel(family, shape):
     """S >= nb and not a multiple of it: the last key panel is shifted to end at S (overlapping the one

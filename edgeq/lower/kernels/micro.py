@@ -211,8 +211,9 @@ def kernel_family(spec) -> dict:
 def select_attention_microkernel(target, family: str | None = None) -> Microkernel:
     """The micro-kernel for q @ k^T and p @ v: the GEMM family's ``attention_family`` unless ``family`` is given.
 
-    Both operands there are activations with zero points, which the VNNI (uint8 x int8) kernels cannot take
-    exactly in one pass; those targets run attention with the int16-lane family instead.
+    Both operands there are activations with zero points: the int16-lane families fold them into the packed
+    values, the VNNI (uint8 x int8) ones need row and column sums as corrections, which at attention's short
+    reductions (D = 64) cost more than vpdpbusd saves, so those targets run attention with int16 lanes.
     """
     micro = select_microkernel(target, family)
     if family is None and micro.attention_family:
