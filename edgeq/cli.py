@@ -10,6 +10,7 @@ import click
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError
+from edgeq.fileio import check_output_path
 
 RANDOM_INIT_HELP = "Use seeded random weights, the same in every run (for latency work)."
 
@@ -110,6 +111,13 @@ def targets_command(name: str | None) -> None:
     click.echo(json.dumps(load_target(name).summary(), indent=2))
 
 
+def check_outputs(*options: tuple[str, Path | None]) -> None:
+    """Refuse unwritable output files before any work (see :func:`edgeq.fileio.check_output_path`)."""
+    for option, path in options:
+        if path is not None:
+            check_output_path(path, option)
+
+
 def load_model_option(model: str, checkpoint: Path | None, random_init: bool):
     from edgeq.models import create_model
 
@@ -131,6 +139,7 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
     from edgeq.evaluate import evaluate
     from edgeq.fileio import atomic_write_json
 
+    check_outputs(("--output", output))
     model = load_model_option(model_name, checkpoint, random_init or quantized is not None)
     config = data_config(model)
     if quantized is not None:
@@ -181,8 +190,17 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
     from edgeq.bitplan import write_plan
     from edgeq.plan import check_method, make_plan, parse_budgets, plan_metrics, plot_plan, layer_costs
 
-    check_method(method)
-    parse_budgets(list(budgets))  # a malformed budget fails before any model work
+    from edgeq.errors import PlanningError
+    from edgeq.plan import load_latency_table
+    from edgeq.plan.budget import LATENCY_MS
+
+    check_method(method)  # cheap checks first: loading a model and calibrating take a minute
+    if any(b.kind == LATENCY_MS for b in parse_budgets(list(budgets))) and latency_table is None:
+        raise PlanningError("a latency-ms budget needs --latency-table (write one with `edgeq profile --per-op "
+                            "--latency-table FILE`)")
+    if latency_table is not None:
+        load_latency_table(latency_table)
+    check_outputs(("--out", out), ("--plot", plot))
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if method != "random":
@@ -223,6 +241,7 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
     from edgeq.quant import quantize, save_quantized
 
     plan = resolve_plan(bits, plan_path)
+    check_outputs(("--out", out))
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if calib is not None:
@@ -422,6 +441,7 @@ def deploy_command(artifact: Path, rpc, rpc_tracker, rpc_key, output: Path | Non
     from edgeq.deploy import deploy_artifact
     from edgeq.fileio import atomic_write_json
 
+    check_outputs(("--output", output))
     result = deploy_artifact(artifact, rpc=rpc, tracker=rpc_tracker, key=rpc_key)
     click.echo(result.report())
     if output is not None:
@@ -442,6 +462,7 @@ def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_k
     from edgeq.check import check_artifact
     from edgeq.fileio import atomic_write_json
 
+    check_outputs(("--output", output))
     with progress_bar("checking") as progress:
         result = check_artifact(artifact, data, limit, rpc=rpc, tracker=rpc_tracker, key=rpc_key, progress=progress)
     click.echo(result.report())
@@ -478,6 +499,8 @@ def profile_command(target, plans, more_plans, model_name, checkpoint, random_in
 
     if latency_table is not None and not per_op:
         raise click.UsageError("--latency-table needs --per-op")
+    check_outputs(("--latency-table", latency_table))
+    check_output_path(out, "--out", directory=True)
     if rpc is None and rpc_tracker is None:
         from edgeq.deploy import started_board_address
 
@@ -511,18 +534,16 @@ def tune_command(source: Path, target: str | None, trials: int, out: Path | None
     integer = False
     onnx_path = source
     if source.is_dir():
-        import json
+        from edgeq.artifact import load_artifact
 
         onnx_path = source / "model.onnx"
-        try:
-            manifest = json.loads((source / "manifest.json").read_text())
-        except (OSError, ValueError):
-            raise EdgeqError(f"{source} is not an edgeq artifact (no readable manifest.json)") from None
+        manifest = load_artifact(source, verify=False).manifest
         integer = manifest.get("precision") == "int"
         target = target or (manifest.get("target") or {}).get("name")
     if not target:
         raise click.UsageError("--target is needed to tune an ONNX file")
     database = out or default_database(source)
+    check_output_path(database, "--out", directory=True)
     result = tune_onnx(onnx_path, target, database, trials=trials, integer=integer, rpc=rpc, tracker=rpc_tracker,
                        key=rpc_key)
     click.echo(f"tuned {result.tasks} operators with {result.trials} trials measured on {result.measured_on} "
@@ -531,21 +552,46 @@ def tune_command(source: Path, target: str | None, trials: int, out: Path | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and their documented exit code."""
+    """Entry point: user errors become one line on stderr and their documented exit code; SIGINT and SIGTERM
+    exit 130 and 143 whatever exception carried them out of TVM (see :mod:`edgeq.interrupt`)."""
+    from edgeq import interrupt
+
     try:
-        cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
+        _run_reporting_errors(argv)
+    finally:
+        interrupt.clear()  # the process may go on (tests, notebooks): the next command starts afresh
+
+
+def _run_reporting_errors(argv: list[str] | None) -> None:
+    from edgeq import interrupt
+
+    try:
+        with interrupt.handled():
+            cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
+            interrupt.raise_if_interrupted()  # a signal swallowed on the way must still end in 130/143
+    except interrupt.Interrupted as exc:
+        _exit_interrupted(exc.signum)
     except EdgeqError as exc:
+        if interrupt.pending():
+            _exit_interrupted(interrupt.pending())
         click.echo(f"edgeq: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("edgeq: aborted", err=True)
-        sys.exit(130)
+        _exit_interrupted(interrupt.pending() or 2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("edgeq: interrupted", err=True)
-        sys.exit(130)
+        _exit_interrupted(2)
+    except Exception:
+        if interrupt.pending():  # the signal reached us wrapped in another error (TVM's RuntimeError)
+            _exit_interrupted(interrupt.pending())
+        raise
+
+
+def _exit_interrupted(signum: int) -> None:
+    click.echo("edgeq: interrupted" if signum == 2 else f"edgeq: terminated (signal {signum})", err=True)
+    sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

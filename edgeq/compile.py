@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from edgeq.errors import TargetError, ToolchainMissingError
+from edgeq.interrupt import raise_if_interrupted
 from edgeq.targets import TargetSpec, elf_info, load_target
 
 
@@ -46,10 +47,12 @@ def export_library(built, target: str | TargetSpec, path: str | os.PathLike) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fcompile = spec.fcompile()  # raises ToolchainMissingError first when the compiler is absent
-    partial = path.with_name(f".{path.stem}.partial{path.suffix or '.so'}")
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix or '.so'}")
     try:
         built.export_library(str(partial), fcompile=fcompile)
-    except RuntimeError as err:
+    except RuntimeError as err:  # TVM reports a failed link (and a Ctrl-C in its linker callback) as this
+        partial.unlink(missing_ok=True)
+        raise_if_interrupted()
         message = str(err)
         if "Compilation error" in message or "Command line" in message:
             compiler = spec.toolchain.compiler or "the default C++ compiler"

@@ -140,7 +140,7 @@ class ResultsBook:
                 data = json.loads(existing.read_text())
                 self.rows = [r for r in data.get("rows", []) if isinstance(r, dict)]
                 previous = dict(data.get("header") or {})
-            except (OSError, ValueError, AttributeError, TypeError):
+            except (OSError, ValueError, AttributeError, TypeError, RecursionError):
                 raise EdgeqError(f"{existing} is not a profile results file; choose another --out") from None
         for key in ("model", "target"):
             if previous.get(key) not in (None, header.get(key)):
@@ -300,7 +300,15 @@ class ProfileOutcome:
 
 def profile_plans(config: ProfileConfig, log: Log = _quiet) -> ProfileOutcome:
     """Run the profile (see module doc). Raises :class:`RemoteRunError` (71) when a board dies, after writing
-    every row measured before; :class:`RemoteUnreachableError` (70) when no board answers."""
+    every row measured before; :class:`RemoteUnreachableError` (70) when no board answers; :class:`OutputBusyError`
+    (4) at once when another edgeq process profiles into the same ``--out``."""
+    from edgeq.fileio import exclusive_output
+
+    with exclusive_output(Path(config.out), "--out"):
+        return _profile_holding_lock(config, log)
+
+
+def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
     from edgeq.remote.session import connect
     from edgeq.targets import load_target
 

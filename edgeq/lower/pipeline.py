@@ -41,7 +41,9 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule.schedule import ScheduleError
 
+from edgeq.interrupt import raise_if_interrupted
 from edgeq.lower.kernels.micro import as_target
 
 __all__ = ["compile_relax", "cpu_pipeline", "schedule_relax", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
@@ -95,7 +97,8 @@ def _inline_injective(sch: Schedule) -> None:
                 sch.compute_inline(block)
                 changed = True
                 break
-            except RuntimeError:  # a block the primitive refuses (e.g. read by two consumers)
+            except ScheduleError:  # a block the primitive refuses (e.g. read by two consumers)
+                raise_if_interrupted()
                 continue
 
 
@@ -103,7 +106,8 @@ def _has_root(sch: Schedule) -> bool:
     try:
         sch.get_sblock("root")
         return True
-    except (RuntimeError, ValueError):  # the schedule primitive refused: keep the function as it is
+    except (ScheduleError, ValueError):  # no root block: nothing to schedule
+        raise_if_interrupted()
         return False
 
 
@@ -227,7 +231,8 @@ def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.Pri
                 trial = sch.copy()
                 try:
                     scheduled = reduction_schedule(trial, block, max_threads)
-                except (RuntimeError, ValueError):  # a primitive refused: try the next way
+                except (ScheduleError, ValueError):  # a primitive refused: try the next way
+                    raise_if_interrupted()
                     scheduled = False
                 if scheduled:
                     sch = trial
@@ -235,7 +240,8 @@ def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2) -> tirx.Pri
             else:
                 _parallel_vectorize(sch, block, max_threads)
         return sch.mod["main"]
-    except (RuntimeError, ValueError):  # the schedule primitive refused: keep the function as it is
+    except (ScheduleError, ValueError):  # the schedule primitive refused: keep the function as it is
+        raise_if_interrupted()
         return func
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from edgeq.errors import ArtifactTargetMismatchError, RemoteRunError, RemoteUnreachableError
+from edgeq.interrupt import raise_if_interrupted
 from edgeq.targets import ElfInfo, TargetSpec, elf_info, load_target
 
 DEFAULT_TRACKER_PORT = 9190
@@ -306,6 +307,7 @@ class BoardSession:
         try:
             yield
         except (RuntimeError, OSError) as err:  # TVM's errors (InternalError, RPCError, ...) are RuntimeErrors
+            raise_if_interrupted()
             text = str(err).strip().splitlines()
             detail = text[-1] if text else type(err).__name__
             raise RemoteRunError(f"board {self.server[0]}:{self.server[1]} failed while {doing}: {detail}") from err
