@@ -364,8 +364,27 @@ def inspect_command(artifact: Path, as_json: bool, no_verify: bool) -> None:
         console.print(table)
 
 
+def _timeout_to_env(variable: str):
+    """A click callback that hands an option's seconds to the RPC layer through its environment variable."""
+    def store(_ctx, _param, seconds: float | None) -> None:
+        import os
+
+        if seconds is not None:
+            os.environ[variable] = repr(seconds)
+    return store
+
+
 def board_options(command):
-    """--rpc, or --rpc-tracker with --rpc-key (else the TVM_TRACKER_HOST/PORT/KEY variables)."""
+    """--rpc, or --rpc-tracker with --rpc-key (else the TVM_TRACKER_HOST/PORT/KEY variables); RPC time limits."""
+    seconds = click.FloatRange(min=0, min_open=True)
+    command = click.option("--rpc-timeout", type=seconds, metavar="SECONDS", expose_value=False,
+                           callback=_timeout_to_env("EDGEQ_RPC_TIMEOUT"),
+                           help="Longest one upload, load or run on the board may take before exit 71 "
+                                "(default: $EDGEQ_RPC_TIMEOUT, else 600).")(command)
+    command = click.option("--rpc-connect-timeout", type=seconds, metavar="SECONDS", expose_value=False,
+                           callback=_timeout_to_env("EDGEQ_RPC_CONNECT_TIMEOUT"),
+                           help="Longest reaching the board and its RPC handshake may take before exit 70 "
+                                "(default: $EDGEQ_RPC_CONNECT_TIMEOUT, else 30).")(command)
     command = click.option("--rpc-key", "rpc_key", metavar="KEY",
                            help="Board key at the tracker (default: $TVM_TRACKER_KEY, else the target's).")(command)
     command = click.option("--rpc-tracker", "rpc_tracker", metavar="HOST[:9190]",
@@ -394,6 +413,10 @@ def board_start_command(emulated: bool, port: int | None, host: str, tracker: st
         raise click.UsageError("only --emulated boards can be started here; a real board runs deploy/board-setup.sh")
     if key and not tracker:
         raise click.UsageError("--key only means something with --tracker")
+    if not _is_loopback(host):
+        click.echo(f"edgeq: warning: --host {host} lets anyone who can reach this machine's port use the board: "
+                   "its RPC server loads and runs whatever code it is sent, unauthenticated; keep 127.0.0.1 "
+                   "unless the network is trusted", err=True)
     click.echo("edgeq: starting the emulated aarch64 board (builds its sysroot once; 15-20 s to serve)", err=True)
     board = start_emulated_in_background(port, tracker, key, host=host,
                                          log=lambda message: click.echo(f"edgeq: {message}", err=True))
@@ -402,6 +425,15 @@ def board_start_command(emulated: bool, port: int | None, host: str, tracker: st
         click.echo(f"use: --rpc-tracker {board.tracker} --rpc-key {board.key}")
     else:
         click.echo(f"use: --rpc {board.address}")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @board_group.command("stop")
