@@ -606,7 +606,7 @@ def _run_reporting_errors(argv: list[str] | None) -> None:
     except EdgeqError as exc:
         if interrupt.pending():
             _exit_interrupted(interrupt.pending())
-        click.echo(f"edgeq: error: {exc}", err=True)
+        click.echo(f"edgeq: error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         _exit_interrupted(interrupt.pending() or 2)
@@ -619,6 +619,11 @@ def _run_reporting_errors(argv: list[str] | None) -> None:
         if interrupt.pending():  # the signal reached us wrapped in another error (TVM's RuntimeError)
             _exit_interrupted(interrupt.pending())
         raise
+
+
+def one_line(message: str) -> str:
+    """Errors quoting other tools (tarfile, YAML, TVM) can span lines; the house rule is one line."""
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _exit_interrupted(signum: int) -> None:
