@@ -219,3 +219,47 @@ def test_plan_latency_budget_without_table_fails_before_loading(capsys, tmp_path
     status, _, err = run_cli(capsys, "plan", "--model", "edgeq/vit-cifar10", "--calib", "x", "--method", "lrp",
                              "--budget", "latency-ms=3", "--out", str(tmp_path / "p.json"))
     assert status == 30 and "--latency-table" in err and len(err.strip().splitlines()) == 1
+
+
+# --- a real process, a real signal -----------------------------------------------------------------------------
+
+BUILD_IN_CHILD = """
+import sys
+from dataclasses import replace
+from edgeq.models.reference import REFERENCE_MODELS
+from edgeq.cli import main
+vit = REFERENCE_MODELS["edgeq/vit-cifar10"]
+REFERENCE_MODELS["edgeq/vit-tiny-test"] = replace(vit, name="edgeq/vit-tiny-test",
+                                                  arch={**vit.arch, "depth": 1, "embed_dim": 48, "num_heads": 3})
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_a_build_process_while_it_compiles(tmp_path, images, signum, code) -> None:  # noqa: F811
+    import subprocess
+    import sys
+    import time
+
+    out = make_artifact(tmp_path / "art")
+    before = snapshot(out)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(B.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen(
+        [sys.executable, "-c", BUILD_IN_CHILD, "build", "--model", TINY, "--random-init", "--calib", str(images),
+         "--calib-count", "8", "--eval-limit", "0", "--target", "host", "--out", str(out)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines = []
+    deadline = time.monotonic() + 120
+    for line in child.stderr:
+        lines.append(line.strip())
+        if line.startswith("edgeq: compiling for host") or time.monotonic() > deadline:
+            time.sleep(0.5)  # inside TVM's compile by now
+            child.send_signal(signum)
+            break
+    rest = child.stderr.read()
+    assert child.wait(60) == code, lines + rest.splitlines()
+    assert rest.strip().splitlines()[-1] in ("edgeq: interrupted", "edgeq: terminated (signal 15)")
+    assert "Traceback" not in rest
+    assert snapshot(out) == before
+    assert leftovers(tmp_path, {"art"}) == []
