@@ -289,8 +289,8 @@ def connect(
 
     ``target`` supplies the default tracker key (its ``rpc.key``) unless ``default_key`` is given. ``timeout``
     (default: ``EDGEQ_RPC_CONNECT_TIMEOUT``, else 30 s) bounds reaching the board (and, through a tracker, waiting
-    for a free one); the RPC handshake has ``EDGEQ_RPC_CONNECT_TIMEOUT`` too; ``session_timeout`` asks the server to end the session after so
-    many seconds (0: never). Raises :class:`RemoteUnreachableError` when nothing answers.
+    for a free one); the RPC handshake has ``EDGEQ_RPC_CONNECT_TIMEOUT`` too; ``session_timeout`` asks the server
+    to end the session after so many seconds (0: never). Raises :class:`RemoteUnreachableError` when nothing answers.
     """
     if default_key is None and target is not None:
         default_key = load_target(target).rpc_key
