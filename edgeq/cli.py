@@ -62,7 +62,8 @@ def load_calibration_option(model, calib: str, count: int | None, seed: int | No
 
 
 @cli.command("models")
-@click.option("--timm", "pattern", metavar="PATTERN", help="Also list timm model names matching PATTERN (e.g. 'deit*').")
+@click.option("--timm", "pattern", metavar="PATTERN",
+              help="Also list timm model names containing PATTERN (e.g. 'deit'; wildcards like 'deit*tiny*' work too).")
 def models_command(pattern: str | None) -> None:
     """List the bundled reference models, and timm names that --model accepts."""
     from edgeq.models import list_reference_models
@@ -88,10 +89,14 @@ def models_command(pattern: str | None) -> None:
     if pattern:
         import timm
 
-        names = timm.list_models(pattern)
-        click.echo(f"\ntimm models matching {pattern!r}: {len(names)}")
+        wildcard = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = timm.list_models(wildcard)
+        click.echo(f"\ntimm models matching {wildcard!r}: {len(names)}")
         for name in names:
             click.echo(f"  {name}")
+        if not names:
+            click.echo("  (none: names are lower case with underscores, e.g. deit_tiny_patch16_224; "
+                       "`edgeq models --timm vit` lists many)")
 
 
 @cli.command("targets")

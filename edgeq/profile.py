@@ -276,7 +276,14 @@ def build_plan(job: PlanJob, config: ProfileConfig, out: Path, log: Log) -> Path
     build_config = BuildConfig(target=config.target, model=config.model, checkpoint=config.checkpoint,
                                random_init=config.random_init, calib=config.calib, calib_count=config.calib_count,
                                calib_seed=config.calib_seed, plan=str(job.path), method=config.method, **kwargs)
-    build_artifact(build_config, folder)
+    stages: list[str] = []
+
+    def stage_line(stage: str, _done, _total) -> None:  # a build takes minutes: say which stage it is in
+        if not stages or stages[-1] != stage:
+            stages.append(stage)
+            log(f"{job.path.name}: {stage} ({time.monotonic() - started:.0f} s)")
+
+    build_artifact(build_config, folder, progress=stage_line)
     log(f"{job.path.name}: built in {time.monotonic() - started:.0f} s")
     return folder
 
