@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from edgeq.errors import TargetError, ToolchainMissingError
+from edgeq.fileio import replace_unless_interrupted
 from edgeq.interrupt import raise_if_interrupted
 from edgeq.targets import TargetSpec, elf_info, load_target
 
@@ -71,7 +72,7 @@ def export_library(built, target: str | TargetSpec, path: str | os.PathLike) -> 
             f"the library linked for {spec.name} is {got.describe()}, but the board loads {spec.arch}: "
             f"check the toolchain compiler ({spec.toolchain.compiler}) in {spec.source}"
         )
-    partial.replace(path)
+    replace_unless_interrupted(partial, path)
     return path
 
 

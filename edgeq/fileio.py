@@ -22,13 +22,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per process: concurrent writers
     try:
         partial.write_text(text)
-        raise_if_interrupted()  # an interrupted command must not replace an earlier result
-        partial.replace(path)
+        replace_unless_interrupted(partial, path)
     except BaseException:
         with deferred():
             partial.unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_unless_interrupted(partial: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished ``partial`` onto ``path``, unless a Ctrl-C or SIGTERM arrived (then an earlier ``path``
+    stays as it was, even if TVM swallowed the interrupt on the way)."""
+    raise_if_interrupted()
+    os.replace(partial, path)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from edgeq.errors import EdgeqError, RemoteRunError, RemoteUnreachableError
-from edgeq.fileio import atomic_write_json, atomic_write_text
+from edgeq.fileio import atomic_write_json, atomic_write_text, replace_unless_interrupted
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -451,7 +451,7 @@ def draw_pareto(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial.png")
     fig.savefig(partial, dpi=110)
-    partial.replace(path)
+    replace_unless_interrupted(partial, path)
     return path
 
 

@@ -263,3 +263,35 @@ def test_signal_to_a_build_process_while_it_compiles(tmp_path, images, signum, c
     assert "Traceback" not in rest
     assert snapshot(out) == before
     assert leftovers(tmp_path, {"art"}) == []
+
+
+def test_an_interrupted_quantize_keeps_the_earlier_quantized_file(capsys, tmp_path, monkeypatch, tiny_folder,
+                                                                 tiny_model_name) -> None:  # noqa: F811
+    import edgeq.quant
+
+    out = tmp_path / "q.safetensors"
+    out.write_bytes(b"earlier")
+    real = edgeq.quant.quantize
+
+    def quantize_then_swallowed_ctrl_c(*args, **kwargs):
+        result = real(*args, **kwargs)
+        signal_through_tvm(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(edgeq.quant, "quantize", quantize_then_swallowed_ctrl_c)
+    status, _, err = run_cli(capsys, "quantize", "--model", tiny_model_name, "--random-init", "--bits", "w8a8",
+                             "--calib", str(tiny_folder), "--calib-count", "10", "--out", str(out))
+    assert status == 130, err
+    assert out.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["q.safetensors", "tiny"]
+
+
+def test_an_interrupted_plan_plot_leaves_no_half_png(tmp_path) -> None:
+    from edgeq.bitplan import BitPlan
+    from edgeq.plan import plot_plan
+
+    with interrupt.handled():
+        signal_through_tvm(signal.SIGINT)
+        with pytest.raises(interrupt.Interrupted):
+            plot_plan({"a": 1.0}, BitPlan.uniform(8, 8), tmp_path / "p.png")
+    interrupt.clear()
+    assert list(tmp_path.iterdir()) == []

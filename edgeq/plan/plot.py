@@ -81,7 +81,14 @@ def plot_plan(scores: Mapping[str, float], plan: BitPlan, path: str | os.PathLik
     bottom.set_xticklabels(names, rotation=90, fontsize=6 if len(names) > 40 else 7)
     bottom.set_xlim(-0.6, len(names) - 0.4)
 
+    from edgeq.fileio import replace_unless_interrupted
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
+    try:
+        fig.savefig(partial, dpi=120)
+        replace_unless_interrupted(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edgeq.errors import QuantizedModelError
+from edgeq.fileio import replace_unless_interrupted
 from edgeq.quant.api import FORMAT, FORMAT_VERSION, QuantizedModel
 from edgeq.quant.convert import check_supported, convert, quantizable_layers
 from edgeq.quant.modules import LayerSpec
@@ -43,7 +44,7 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
     os.close(handle)
     try:
         save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(qmodel.metadata)})
-        os.replace(partial, target)
+        replace_unless_interrupted(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
