@@ -295,3 +295,26 @@ def test_an_interrupted_plan_plot_leaves_no_half_png(tmp_path) -> None:
             plot_plan({"a": 1.0}, BitPlan.uniform(8, 8), tmp_path / "p.png")
     interrupt.clear()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_interrupted_while_building_keeps_the_earlier_results(capsys, tmp_path, monkeypatch) -> None:
+    import json
+    import socket
+
+    import edgeq.profile
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"header": {"model": "edgeq/vit-cifar10", "target": "host"},
+                                                  "rows": []}))
+    before = snapshot(out)
+    plan = tmp_path / "w8a8.json"
+    plan.write_text('{"version": 1, "default": {"w": 8, "a": 8}, "layers": {}}')
+    monkeypatch.setattr(edgeq.profile, "build_plan", lambda *a, **k: signal_self(signal.SIGTERM))
+    with socket.socket() as board:  # something listening, so the early reachability check passes
+        board.bind(("127.0.0.1", 0))
+        board.listen()
+        status, _, err = run_cli(capsys, "profile", "--target", "host", "--plans", str(plan), "--rpc",
+                                 f"127.0.0.1:{board.getsockname()[1]}", "--out", str(out))
+    assert status == 143, err
+    assert snapshot(out) == before
