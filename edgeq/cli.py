@@ -617,6 +617,10 @@ def _run_reporting_errors(argv: list[str] | None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         _exit_interrupted(interrupt.pending() or 2)
+    except click.UsageError as exc:  # click's own form takes four lines (usage, hint, blank, error)
+        command = exc.ctx.command_path if exc.ctx is not None else "edgeq"
+        click.echo(f"edgeq: error: {one_line(exc.format_message())} (see `{command} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

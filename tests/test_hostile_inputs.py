@@ -242,3 +242,11 @@ def test_a_yaml_tag_is_refused_in_one_line(capsys, tmp_path) -> None:
     code, _, err = run_cli(capsys, "targets", str(board))
     assert code == 60 and len(err.strip().splitlines()) == 1 and "line 3" in err
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+@pytest.mark.parametrize("argv", [["build"], ["eval", "--model"], ["board", "start"], ["nope"],
+                                  ["eval", "--model", "m", "--data", "d", "--limit", "0"]])
+def test_usage_errors_are_one_line(capsys, argv) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("edgeq: error: ")
+    assert "--help" in err
