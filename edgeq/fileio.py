@@ -171,9 +171,14 @@ def exclusive_output(path: str | os.PathLike, option: str) -> Iterator[Path]:
 
 def remove_stale_partials(path: Path) -> None:
     """Remove partial outputs of ``path`` left by killed runs; call only while holding :func:`exclusive_output`."""
+    import re
     import shutil
 
-    for stale in path.parent.glob(f".{path.name}.*partial"):
+    # exactly ".NAME.<pid>.partial" (and ".NAME.<pid>.old.partial"): not the partials of an output "NAME.v2"
+    own = re.compile(rf"\.{re.escape(path.name)}\.\d+\.(old\.)?partial")
+    for stale in path.parent.iterdir():
+        if not own.fullmatch(stale.name):
+            continue
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:

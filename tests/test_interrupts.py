@@ -150,10 +150,12 @@ def test_builds_use_a_partial_directory_of_their_own_and_clear_stale_ones(tmp_pa
     stale = tmp_path / ".art.999999.partial"
     stale.mkdir()
     (stale / "model.so").write_bytes(b"half")
+    sibling = tmp_path / ".art.v2.4242.partial"  # a build of --out art.v2 running now: not ours to remove
+    sibling.mkdir()
     with exclusive_output(out, "--out"):
         partial = B.prepare_out_dir(out)
     assert partial.name == f".art.{os.getpid()}.partial" and partial.is_dir()
-    assert not stale.exists()
+    assert not stale.exists() and sibling.is_dir()
 
 
 def test_lock_is_released_when_the_holder_ends(tmp_path) -> None:
