@@ -104,3 +104,12 @@ def test_no_board_at_all_suggests_the_emulated_one(capsys, tmp_path, monkeypatch
         monkeypatch.delenv(variable, raising=False)
     code, _, err = run_cli(capsys, "deploy", str(make_artifact(tmp_path / "art")))
     assert code == 70 and "edgeq board start --emulated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_silent_tracker_is_exit_70_within_the_connect_timeout(monkeypatch) -> None:
+    monkeypatch.setenv("EDGEQ_RPC_CONNECT_TIMEOUT", "1")
+    with silent_listener() as address:
+        started = time.monotonic()
+        with pytest.raises(RemoteUnreachableError) as caught:
+            connect(tracker=address, key="rasp4", env={})
+    assert caught.value.exit_code == 70 and time.monotonic() - started < 8

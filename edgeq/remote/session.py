@@ -61,11 +61,7 @@ class Watchdog:
     def __init__(self, server: tuple[str, int], seconds: float):
         self.seconds = seconds
         self.fired = False
-        host, port = server
-        try:
-            self._peers = {(info[4][0], port) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-        except OSError:
-            self._peers = {(host, port)}
+        self._server = server
         self._timer = threading.Timer(seconds, self._cut)
         self._timer.daemon = True
 
@@ -73,8 +69,13 @@ class Watchdog:
         import psutil
 
         self.fired = True
+        host, port = self._server
+        try:  # resolved only now: most calls finish in time and need no lookup
+            peers = {(info[4][0], port) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except OSError:
+            peers = {(host, port)}
         for conn in psutil.Process().net_connections("tcp"):
-            if conn.raddr and (conn.raddr.ip, conn.raddr.port) in self._peers and conn.fd >= 0:
+            if conn.raddr and (conn.raddr.ip, conn.raddr.port) in peers and conn.fd >= 0:
                 with contextlib.suppress(OSError):
                     with socket.socket(fileno=os.dup(conn.fd)) as sock:  # the dup is closed, the socket shut
                         sock.shutdown(socket.SHUT_RDWR)
