@@ -258,6 +258,8 @@ def _parse_json(text: str, where: str) -> dict[str, Any]:
         config = json.loads(text)
     except json.JSONDecodeError as err:
         raise TargetError(f"{where} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise TargetError(f"{where} is nested too deeply to be a target") from None
     if not isinstance(config, dict):
         raise TargetError(f"{where} must be a JSON object")
     return config

@@ -250,3 +250,8 @@ def test_usage_errors_are_one_line(capsys, argv) -> None:
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("edgeq: error: ")
     assert "--help" in err
+
+
+def test_a_deeply_nested_json_target_on_the_command_line_is_one_line(capsys) -> None:
+    code, _, err = run_cli(capsys, "targets", "{\"kind\": " + "[" * 50_000 + "]" * 50_000 + "}")
+    assert code == 60 and len(err.strip().splitlines()) == 1 and "nested too deeply" in err

@@ -64,7 +64,7 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise QuantizedModelError(f"{target} is not a readable safetensors file ({exc})") from None
     try:
         meta = json.loads(raw[METADATA_KEY])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, json.JSONDecodeError, RecursionError):
         raise QuantizedModelError(f"{target} has no edgeq quantization metadata") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise QuantizedModelError(f"{target} is not an edgeq quantized model")
