@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from edgeq.errors import ArtifactError
-from edgeq.fileio import atomic_write_text, file_sha256
+from edgeq.fileio import atomic_write_text, file_sha256, read_json
 
 FORMAT = "edgeq.artifact"
 VERSION = 1
@@ -139,12 +139,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ArtifactError(f"artifact {folder} does not exist (build it with `edgeq build --out {folder}`)")
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: not an edgeq build directory, or the build did not finish")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    manifest = read_json(path, ArtifactError, "artifact manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not an edgeq artifact manifest (format {FORMAT!r} expected)")
     if manifest.get("version") != VERSION:
@@ -155,7 +150,38 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} lacks {', '.join(missing)}: hand-edited or truncated; rebuild it")
     if not isinstance(manifest["files"], dict):
         raise ArtifactError(f"{path}: 'files' must map file names to their sha256 and size")
+    _check_field_types(manifest, path)
     return manifest
+
+
+#: The type each field that later commands use must have (a re-sealed manifest is not trusted to have them).
+_FIELD_TYPES = {"name": str, "precision": str, "entry": str, "batch": int, "model": dict, "target": dict,
+                "bits": dict, "golden": dict, "versions": dict}
+_NESTED_TYPES = {("golden", "file"): str, ("golden", "count"): int, ("target", "name"): str,
+                 ("target", "arch"): str, ("model", "input_size"): list, ("model", "num_classes"): int}
+
+
+def _check_field_types(manifest: dict[str, Any], path: Path) -> None:
+    def wrong(field: str, expected: type, value: Any) -> ArtifactError:
+        return ArtifactError(f"{path}: {field} must be {expected.__name__}, not {type(value).__name__}; "
+                             "hand-edited: rebuild the artifact")
+
+    for key, expected in _FIELD_TYPES.items():
+        if not isinstance(manifest[key], expected) or isinstance(manifest[key], bool):
+            raise wrong(key, expected, manifest[key])
+    for (outer, inner), expected in _NESTED_TYPES.items():
+        value = manifest[outer].get(inner)
+        if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+            raise wrong(f"{outer}.{inner}", expected, value)
+    if manifest["precision"] not in ("int", "float"):
+        raise ArtifactError(f"{path}: precision must be 'int' or 'float', not {manifest['precision']!r}")
+    for name, entry in manifest["files"].items():
+        _check_file_name(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise ArtifactError(f"{path}: entry for {name} has no sha256")
+    golden = manifest["golden"].get("file")
+    if _check_file_name(golden) not in manifest["files"]:
+        raise ArtifactError(f"{path}: the golden file {golden!r} is not one of the artifact's files")
 
 
 def load_artifact(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
@@ -178,10 +204,8 @@ def load_artifact(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
                                 "rebuild the artifact")
         for name, entry in files.items():
             file = folder / name
-            if not isinstance(entry, dict) or "sha256" not in entry:
-                raise ArtifactError(f"{folder / MANIFEST}: entry for {name} has no sha256")
-            if not file.is_file():
-                raise ArtifactError(f"{file} is missing from the artifact; rebuild it")
+            if file.is_symlink() or not file.is_file():  # a link could point anywhere: files live in the artifact
+                raise ArtifactError(f"{file} is missing from the artifact or not a plain file; rebuild it")
             if file_sha256(file) != entry["sha256"]:
                 raise ArtifactError(f"{file} does not match its sha256 in the manifest (corrupt or modified); "
                                     "rebuild the artifact")

@@ -8,9 +8,10 @@ Stages, each a plain function of the one before::
 The integer program is built twice, once per target: the kernels' micro-kernels differ between x86 and ARM,
 their integer results do not, so the host library's outputs are the exact reference a board must reproduce.
 
-The output directory is written atomically: everything goes to ``PARENT/.NAME.partial`` and is renamed into
-place only after the manifest is written, so a failed or interrupted build leaves an earlier artifact of the
-same name untouched.
+The output directory is written atomically: everything goes to ``PARENT/.NAME.<pid>.partial`` and is renamed
+into place only after the manifest is written, so a failed or interrupted build leaves an earlier artifact of the
+same name untouched. A build holds ``PARENT/.NAME.lock`` from start to end: a second build into the same
+directory fails at once (:class:`edgeq.errors.OutputBusyError`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import numpy as np
 from edgeq import __version__
 from edgeq import artifact as A
 from edgeq.errors import ArtifactError, BitPlanError, EdgeqError
+from edgeq.fileio import check_output_path, exclusive_output, remove_stale_partials
+from edgeq.interrupt import deferred, raise_if_interrupted
 
 #: ``progress(stage, done, total)``: a stage name, and how far it is when it has steps (else None, None).
 Progress = Callable[[str, Optional[int], Optional[int]], None]
@@ -72,6 +75,7 @@ class BuildConfig:
 
 
 def _say(progress: Optional[Progress], stage: str, done: Optional[int] = None, total: Optional[int] = None) -> None:
+    raise_if_interrupted()  # every stage boundary: a Ctrl-C that TVM turned into a caught error stops here
     if progress is not None:
         progress(stage, done, total)
 
@@ -105,32 +109,33 @@ def check_integer_target(spec, plan) -> None:
             "GPUs (sm_61+); build it with --float instead")
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that cannot take an artifact: a file, or a folder holding something else."""
+    check_output_path(out_dir, "--out", directory=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / A.MANIFEST).is_file():
+        raise ArtifactError(f"--out {out_dir} exists and is not an edgeq artifact; choose another directory "
+                            "(an earlier artifact there would be replaced, anything else is kept)")
+
+
 def prepare_out_dir(out_dir: Path) -> Path:
-    """The partial directory to build in; refuses an ``out_dir`` that exists and is not an artifact."""
+    """The partial directory this process builds in (call while holding the output's lock)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ArtifactError(f"--out {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not (out_dir / A.MANIFEST).is_file():
-            raise ArtifactError(f"--out {out_dir} exists and is not an edgeq artifact; choose another directory "
-                                "(an earlier artifact there would be replaced, anything else is kept)")
-    partial = out_dir.parent / f".{out_dir.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)  # left over by an interrupted build of the same name
+    check_out_dir(out_dir)
+    remove_stale_partials(out_dir)  # left by killed builds: the lock says none of them is still running
+    partial = out_dir.parent / f".{out_dir.name}.{os.getpid()}.partial"
     partial.mkdir(parents=True)
     return partial
 
 
 def publish(partial: Path, out_dir: Path) -> Path:
     """Move the finished ``partial`` into ``out_dir``, replacing an earlier artifact only now."""
-    old = out_dir.parent / f".{out_dir.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        out_dir.rename(old)
-    partial.rename(out_dir)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    raise_if_interrupted()
+    old = out_dir.parent / f".{out_dir.name}.{os.getpid()}.old.partial"
+    with deferred():  # the two renames go together: never an interrupt between them
+        if out_dir.exists():
+            out_dir.rename(old)
+        partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -379,14 +384,21 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
 
     ``model``: an already created float model to use instead of loading ``config.model`` (tests, notebooks).
     Bad input raises the matching :mod:`edgeq.errors` class before long work starts where it can be seen early
-    (unknown target, missing toolchain, a plan the kernels cannot run, an output path that is not an artifact).
+    (an output path that is not an artifact or is busy, unknown target, missing toolchain, a plan the kernels
+    cannot run).
     """
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    with exclusive_output(out_dir, "--out"):
+        return _build_holding_lock(config, out_dir, progress, model)
+
+
+def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[Progress], model) -> Path:
     from edgeq.bitplan import resolve_plan, write_plan
     from edgeq.lower.export import export_float_onnx, export_onnx
     from edgeq.quant import quantizable_layers
     from edgeq.targets import load_target
 
-    out_dir = Path(out_dir)
     spec = load_target(config.target)
     host_spec = None if spec.name == "host" else load_target("host")
     if host_spec is not None and spec.target_json == host_spec.target_json and spec.host_json is None:
@@ -498,7 +510,8 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
         _say(progress, "done")
         return publish(partial, out_dir)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        with deferred():
+            shutil.rmtree(partial, ignore_errors=True)
         raise
 
 

@@ -10,6 +10,7 @@ import click
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError
+from edgeq.fileio import check_output_path
 
 RANDOM_INIT_HELP = "Use seeded random weights, the same in every run (for latency work)."
 
@@ -79,7 +80,8 @@ def load_calibration_option(model, calib: str, count: int | None, seed: int | No
 
 
 @cli.command("models")
-@click.option("--timm", "pattern", metavar="PATTERN", help="Also list timm model names matching PATTERN (e.g. 'deit*').")
+@click.option("--timm", "pattern", metavar="PATTERN",
+              help="Also list timm model names containing PATTERN (e.g. 'deit'; wildcards like 'deit*tiny*' work too).")
 def models_command(pattern: str | None) -> None:
     """List the bundled reference models, and timm names that --model accepts."""
     from edgeq.models import list_reference_models
@@ -105,10 +107,14 @@ def models_command(pattern: str | None) -> None:
     if pattern:
         import timm
 
-        names = timm.list_models(pattern)
-        click.echo(f"\ntimm models matching {pattern!r}: {len(names)}")
+        wildcard = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = timm.list_models(wildcard)
+        click.echo(f"\ntimm models matching {wildcard!r}: {len(names)}")
         for name in names:
             click.echo(f"  {name}")
+        if not names:
+            click.echo("  (none: names are lower case with underscores, e.g. deit_tiny_patch16_224; "
+                       "`edgeq models --timm vit` lists many)")
 
 
 @cli.command("targets")
@@ -129,6 +135,13 @@ def targets_command(name: str | None) -> None:
 
     spec = load_target(name)
     click.echo(json.dumps({**spec.summary(), **kernel_family(spec)}, indent=2))
+
+
+def check_outputs(*options: tuple[str, Path | None]) -> None:
+    """Refuse unwritable output files before any work (see :func:`edgeq.fileio.check_output_path`)."""
+    for option, path in options:
+        if path is not None:
+            check_output_path(path, option)
 
 
 def load_model_option(model: str, checkpoint: Path | None, random_init: bool):
@@ -152,6 +165,7 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
     from edgeq.evaluate import evaluate
     from edgeq.fileio import atomic_write_json
 
+    check_outputs(("--output", output))
     model = load_model_option(model_name, checkpoint, random_init or quantized is not None)
     config = data_config(model)
     if quantized is not None:
@@ -202,8 +216,17 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
     from edgeq.bitplan import write_plan
     from edgeq.plan import check_method, make_plan, parse_budgets, plan_metrics, plot_plan, layer_costs
 
-    check_method(method)
-    parse_budgets(list(budgets))  # a malformed budget fails before any model work
+    from edgeq.errors import PlanningError
+    from edgeq.plan import load_latency_table
+    from edgeq.plan.budget import LATENCY_MS
+
+    check_method(method)  # cheap checks first: loading a model and calibrating take a minute
+    if any(b.kind == LATENCY_MS for b in parse_budgets(list(budgets))) and latency_table is None:
+        raise PlanningError("a latency-ms budget needs --latency-table (write one with `edgeq profile --per-op "
+                            "--latency-table FILE`)")
+    if latency_table is not None:
+        load_latency_table(latency_table)
+    check_outputs(("--out", out), ("--plot", plot))
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if method != "random":
@@ -244,6 +267,7 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
     from edgeq.quant import quantize, save_quantized
 
     plan = resolve_plan(bits, plan_path)
+    check_outputs(("--out", out))
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if calib is not None:
@@ -327,10 +351,12 @@ def stage_progress() -> Iterator:
         yield plain
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
+    # elapsed for the whole command, remaining for the stage that counts its steps (calibration, accuracy)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("starting", total=None)
 
         def update(stage: str, done, total) -> None:
@@ -366,8 +392,27 @@ def inspect_command(artifact: Path, as_json: bool, no_verify: bool) -> None:
         console.print(table)
 
 
+def _timeout_to_env(variable: str):
+    """A click callback that hands an option's seconds to the RPC layer through its environment variable."""
+    def store(_ctx, _param, seconds: float | None) -> None:
+        import os
+
+        if seconds is not None:
+            os.environ[variable] = repr(seconds)
+    return store
+
+
 def board_options(command):
-    """--rpc, or --rpc-tracker with --rpc-key (else the TVM_TRACKER_HOST/PORT/KEY variables)."""
+    """--rpc, or --rpc-tracker with --rpc-key (else the TVM_TRACKER_HOST/PORT/KEY variables); RPC time limits."""
+    seconds = click.FloatRange(min=0, min_open=True)
+    command = click.option("--rpc-timeout", type=seconds, metavar="SECONDS", expose_value=False,
+                           callback=_timeout_to_env("EDGEQ_RPC_TIMEOUT"),
+                           help="Longest one upload, load or run on the board may take before exit 71 "
+                                "(default: $EDGEQ_RPC_TIMEOUT, else 600).")(command)
+    command = click.option("--rpc-connect-timeout", type=seconds, metavar="SECONDS", expose_value=False,
+                           callback=_timeout_to_env("EDGEQ_RPC_CONNECT_TIMEOUT"),
+                           help="Longest reaching the board and its RPC handshake may take before exit 70 "
+                                "(default: $EDGEQ_RPC_CONNECT_TIMEOUT, else 30).")(command)
     command = click.option("--rpc-key", "rpc_key", metavar="KEY",
                            help="Board key at the tracker (default: $TVM_TRACKER_KEY, else the target's).")(command)
     command = click.option("--rpc-tracker", "rpc_tracker", metavar="HOST[:9190]",
@@ -396,6 +441,10 @@ def board_start_command(emulated: bool, port: int | None, host: str, tracker: st
         raise click.UsageError("only --emulated boards can be started here; a real board runs deploy/board-setup.sh")
     if key and not tracker:
         raise click.UsageError("--key only means something with --tracker")
+    if not _is_loopback(host):
+        click.echo(f"edgeq: warning: --host {host} lets anyone who can reach this machine's port use the board: "
+                   "its RPC server loads and runs whatever code it is sent, unauthenticated; keep 127.0.0.1 "
+                   "unless the network is trusted", err=True)
     click.echo("edgeq: starting the emulated aarch64 board (builds its sysroot once; 15-20 s to serve)", err=True)
     board = start_emulated_in_background(port, tracker, key, host=host,
                                          log=lambda message: click.echo(f"edgeq: {message}", err=True))
@@ -404,6 +453,15 @@ def board_start_command(emulated: bool, port: int | None, host: str, tracker: st
         click.echo(f"use: --rpc-tracker {board.tracker} --rpc-key {board.key}")
     else:
         click.echo(f"use: --rpc {board.address}")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @board_group.command("stop")
@@ -443,6 +501,7 @@ def deploy_command(artifact: Path, rpc, rpc_tracker, rpc_key, output: Path | Non
     from edgeq.deploy import deploy_artifact
     from edgeq.fileio import atomic_write_json
 
+    check_outputs(("--output", output))
     result = deploy_artifact(artifact, rpc=rpc, tracker=rpc_tracker, key=rpc_key)
     click.echo(result.report())
     if output is not None:
@@ -463,6 +522,7 @@ def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_k
     from edgeq.check import check_artifact
     from edgeq.fileio import atomic_write_json
 
+    check_outputs(("--output", output))
     with progress_bar("checking") as progress:
         result = check_artifact(artifact, data, limit, rpc=rpc, tracker=rpc_tracker, key=rpc_key, progress=progress)
     click.echo(result.report())
@@ -500,6 +560,8 @@ def profile_command(target, plans, more_plans, model_name, checkpoint, random_in
 
     if latency_table is not None and not per_op:
         raise click.UsageError("--latency-table needs --per-op")
+    check_outputs(("--latency-table", latency_table))
+    check_output_path(out, "--out", directory=True)
     if rpc is None and rpc_tracker is None:
         from edgeq.deploy import started_board_address
 
@@ -534,18 +596,16 @@ def tune_command(source: Path, target: str | None, trials: int, out: Path | None
     integer = False
     onnx_path = source
     if source.is_dir():
-        import json
+        from edgeq.artifact import load_artifact
 
         onnx_path = source / "model.onnx"
-        try:
-            manifest = json.loads((source / "manifest.json").read_text())
-        except (OSError, ValueError):
-            raise EdgeqError(f"{source} is not an edgeq artifact (no readable manifest.json)") from None
+        manifest = load_artifact(source, verify=False).manifest
         integer = manifest.get("precision") == "int"
         target = target or (manifest.get("target") or {}).get("name")
     if not target:
         raise click.UsageError("--target is needed to tune an ONNX file")
     database = out or default_database(source)
+    check_output_path(database, "--out", directory=True)
     result = tune_onnx(onnx_path, target, database, trials=trials, integer=integer, rpc=rpc, tracker=rpc_tracker,
                        key=rpc_key)
     click.echo(f"tuned {result.tasks} operators with {result.trials} trials measured on {result.measured_on} "
@@ -554,21 +614,55 @@ def tune_command(source: Path, target: str | None, trials: int, out: Path | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and their documented exit code."""
+    """Entry point: user errors become one line on stderr and their documented exit code; SIGINT and SIGTERM
+    exit 130 and 143 whatever exception carried them out of TVM (see :mod:`edgeq.interrupt`)."""
+    from edgeq import interrupt
+
     try:
-        cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
+        _run_reporting_errors(argv)
+    finally:
+        interrupt.clear()  # the process may go on (tests, notebooks): the next command starts afresh
+
+
+def _run_reporting_errors(argv: list[str] | None) -> None:
+    from edgeq import interrupt
+
+    try:
+        with interrupt.handled():
+            cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
+            interrupt.raise_if_interrupted()  # a signal swallowed on the way must still end in 130/143
+    except interrupt.Interrupted as exc:
+        _exit_interrupted(exc.signum)
     except EdgeqError as exc:
-        click.echo(f"edgeq: error: {exc}", err=True)
+        if interrupt.pending():
+            _exit_interrupted(interrupt.pending())
+        click.echo(f"edgeq: error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("edgeq: aborted", err=True)
-        sys.exit(130)
+        _exit_interrupted(interrupt.pending() or 2)
+    except click.UsageError as exc:  # click's own form takes four lines (usage, hint, blank, error)
+        command = exc.ctx.command_path if exc.ctx is not None else "edgeq"
+        click.echo(f"edgeq: error: {one_line(exc.format_message())} (see `{command} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("edgeq: interrupted", err=True)
-        sys.exit(130)
+        _exit_interrupted(2)
+    except Exception:
+        if interrupt.pending():  # the signal reached us wrapped in another error (TVM's RuntimeError)
+            _exit_interrupted(interrupt.pending())
+        raise
+
+
+def one_line(message: str) -> str:
+    """Errors quoting other tools (tarfile, YAML, TVM) can span lines; the house rule is one line."""
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _exit_interrupted(signum: int) -> None:
+    click.echo("edgeq: interrupted" if signum == 2 else f"edgeq: terminated (signal {signum})", err=True)
+    sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 from edgeq.errors import EdgeqError, TargetError, ToolchainMissingError
+from edgeq.fileio import replace_unless_interrupted
+from edgeq.interrupt import raise_if_interrupted
 from edgeq.targets import TargetSpec, elf_info, load_target
 
 #: the most of TVM's message a refusal quotes (its check can print whole buffers and functions)
@@ -71,10 +73,12 @@ def export_library(built, target: str | TargetSpec, path: str | os.PathLike) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fcompile = spec.fcompile()  # raises ToolchainMissingError first when the compiler is absent
-    partial = path.with_name(f".{path.stem}.partial{path.suffix or '.so'}")
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix or '.so'}")
     try:
         built.export_library(str(partial), fcompile=fcompile)
-    except RuntimeError as err:
+    except RuntimeError as err:  # TVM reports a failed link (and a Ctrl-C in its linker callback) as this
+        partial.unlink(missing_ok=True)
+        raise_if_interrupted()
         message = str(err)
         if "Compilation error" in message or "Command line" in message:
             compiler = spec.toolchain.compiler or "the default C++ compiler"
@@ -93,7 +97,7 @@ def export_library(built, target: str | TargetSpec, path: str | os.PathLike) -> 
             f"the library linked for {spec.name} is {got.describe()}, but the board loads {spec.arch}: "
             f"check the toolchain compiler ({spec.toolchain.compiler}) in {spec.source}"
         )
-    partial.replace(path)
+    replace_unless_interrupted(partial, path)
     return path
 
 

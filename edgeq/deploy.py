@@ -174,7 +174,7 @@ def started_board_address(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def open_board(artifact: Artifact, *, rpc: str | None = None, tracker: str | None = None, key: str | None = None,
-               env: Mapping[str, str] | None = None, timeout: float = 30.0) -> BoardSession:
+               env: Mapping[str, str] | None = None, timeout: float | None = None) -> BoardSession:
     """A session with the board for ``artifact`` (the tracker key defaults to the artifact target's RPC key),
     refused with :class:`ArtifactTargetMismatchError` when the board has another architecture."""
     if rpc is None and tracker is None:

@@ -13,6 +13,19 @@ class EdgeqError(Exception):
     exit_code = 1
 
 
+class OutputPathError(EdgeqError):
+    """An output path that cannot be written (a directory where a file goes, a parent that is a file or is not
+    writable); checked before the work starts."""
+
+    exit_code = 3
+
+
+class OutputBusyError(EdgeqError):
+    """Another edgeq process is writing the same output (its lock is held)."""
+
+    exit_code = 4
+
+
 class ModelNotFoundError(EdgeqError):
     exit_code = 10
 

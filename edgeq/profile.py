@@ -40,7 +40,7 @@ import numpy as np
 
 from edgeq.build import BuildConfig
 from edgeq.errors import EdgeqError, RemoteRunError, RemoteUnreachableError
-from edgeq.fileio import atomic_write_json, atomic_write_text
+from edgeq.fileio import atomic_write_json, atomic_write_text, replace_unless_interrupted
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -137,7 +137,7 @@ class ResultsBook:
                 data = json.loads(existing.read_text())
                 self.rows = [r for r in data.get("rows", []) if isinstance(r, dict)]
                 previous = dict(data.get("header") or {})
-            except (OSError, ValueError, AttributeError, TypeError):
+            except (OSError, ValueError, AttributeError, TypeError, RecursionError):
                 raise EdgeqError(f"{existing} is not a profile results file; choose another --out") from None
         for key in ("model", "target"):
             if previous.get(key) not in (None, header.get(key)):
@@ -269,7 +269,14 @@ def build_plan(job: PlanJob, config: ProfileConfig, out: Path, log: Log) -> Path
     started = time.monotonic()
     # with --data the board's accuracy is measured on those images: the build's own evaluation would repeat it
     skip_eval = {"eval_limit": 0} if config.data else {}
-    build_artifact(dataclasses.replace(config.build, plan=str(job.path), **skip_eval), folder)
+    stages: list[str] = []
+
+    def stage_line(stage: str, _done, _total) -> None:  # a build takes minutes: say which stage it is in
+        if not stages or stages[-1] != stage:
+            stages.append(stage)
+            log(f"{job.path.name}: {stage} ({time.monotonic() - started:.0f} s)")
+
+    build_artifact(dataclasses.replace(config.build, plan=str(job.path), **skip_eval), folder, progress=stage_line)
     log(f"{job.path.name}: built in {time.monotonic() - started:.0f} s")
     return folder
 
@@ -293,7 +300,15 @@ class ProfileOutcome:
 
 def profile_plans(config: ProfileConfig, log: Log = _quiet) -> ProfileOutcome:
     """Run the profile (see module doc). Raises :class:`RemoteRunError` (71) when a board dies, after writing
-    every row measured before; :class:`RemoteUnreachableError` (70) when no board answers."""
+    every row measured before; :class:`RemoteUnreachableError` (70) when no board answers; :class:`OutputBusyError`
+    (4) at once when another edgeq process profiles into the same ``--out``."""
+    from edgeq.fileio import exclusive_output
+
+    with exclusive_output(Path(config.out), "--out"):
+        return _profile_holding_lock(config, log)
+
+
+def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
     from edgeq.remote.session import connect
     from edgeq.targets import load_target
 
@@ -429,7 +444,7 @@ def draw_pareto(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial.png")
     fig.savefig(partial, dpi=110)
-    partial.replace(path)
+    replace_unless_interrupted(partial, path)
     return path
 
 

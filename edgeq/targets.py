@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from edgeq.errors import TargetError
+from edgeq.fileio import read_yaml
 
 #: Architectures a board's loader can accept, named as in ``TargetSpec.arch``.
 ARCHES = ("aarch64", "armhf", "x86_64")
@@ -226,10 +227,7 @@ def _close_names(name: str, names: list[str]) -> list[str]:
 
 
 def _from_yaml(path: Path) -> TargetSpec:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise TargetError(f"cannot read target file {path}: {err}") from None
+    data = read_yaml(path, TargetError, "target file")
     if not isinstance(data, dict):
         raise TargetError(f"target file {path} is not a mapping")
     unknown = set(data) - _KNOWN_TOP_KEYS
@@ -282,6 +280,8 @@ def _parse_json(text: str, where: str) -> dict[str, Any]:
         config = json.loads(text)
     except json.JSONDecodeError as err:
         raise TargetError(f"{where} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise TargetError(f"{where} is nested too deeply to be a target") from None
     if not isinstance(config, dict):
         raise TargetError(f"{where} must be a JSON object")
     return config
@@ -337,6 +337,10 @@ def _from_config(
         raise TargetError(f"{where}: the host target must be a mapping")
     if "kind" not in config and "tag" not in config:
         raise TargetError(f"{where}: the TVM target needs a 'kind' (llvm, cuda, opencl, ...)")
+    for part in (config, host):
+        for key in ("mtriple", "mcpu", "kind"):
+            if part is not None and key in part and not isinstance(part[key], str):
+                raise TargetError(f"{where}: {key} must be a string, got {type(part[key]).__name__}")
     config = _fill_native(config, where)
     if host is not None:
         host = _fill_native(dict(host), where)
@@ -366,6 +370,10 @@ def _from_config(
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise TargetError(f"{where}: toolchain options must be a list of strings")
     compiler = toolchain["compiler"] if "compiler" in toolchain else default_cc
+    for key, value in (("compiler", compiler), ("package", toolchain.get("package"))):
+        if value is not None and not isinstance(value, str):
+            raise TargetError(f"{where}: toolchain {key} must be a string (one command name), "
+                              f"got {type(value).__name__}")
     tc = Toolchain(
         compiler=compiler if compiler else None,
         options=tuple(options),

@@ -65,3 +65,16 @@ def test_failed_write_keeps_previous_plan(tmp_path: Path) -> None:
     assert resolve_plan(plan_path=path) == BitPlan.uniform(8, 8)
     with pytest.raises(BitPlanError, match="not both"):
         resolve_plan(bits="w4a4", plan_path=path)
+
+
+def test_readme_plan_example_is_a_valid_plan_for_the_reference_vit() -> None:
+    import re
+
+    from edgeq.models import create_model
+    from edgeq.quant import quantizable_layers
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"## Bit plans.*?```json\n(.*?)```", readme, re.S).group(1)
+    plan = BitPlan.from_json(json.loads(example))
+    plan.check_layers(quantizable_layers(create_model("edgeq/vit-cifar10", pretrained=False)))
+    assert plan.bits_for("blocks.0.mlp.fc1").w == 4 and plan.bits_for("blocks.3.mlp.fc1").w == 8

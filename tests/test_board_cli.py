@@ -2,6 +2,7 @@
 build edgeq/vit-cifar10 for rasp4, start the board in the background, deploy, check exactly, stop."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,3 +84,56 @@ def test_vit_rasp4_build_deploy_check_on_the_emulated_board(tmp_path, capsys) ->
         code, out, _ = run_cli(["board", "stop", "--port", address.rsplit(":", 1)[1]], capsys)
     assert code == 0 and out.startswith("stopped emulated board")
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lifecycle: the process group, not the one pid; busy ports; exposed hosts
+
+
+def test_killing_only_the_reported_server_leaves_a_board_that_status_sees_and_stop_ends(capsys) -> None:
+    import signal
+
+    import psutil
+
+    handle = start_rpc_server(env=RUNTIME_ONLY)
+    try:
+        board = background.record(handle, "emulated")
+        workers = psutil.Process(board.pid).children(recursive=True)
+        assert workers
+        os.kill(board.pid, signal.SIGKILL)  # what a user does with the pid status used to print
+        handle.process.wait(10)
+        assert board.alive(), "its worker still runs"
+        code, out, _ = run_cli(["board", "status"], capsys)
+        assert code == 0 and f"process group {board.pid}" in out and "not running" not in out
+        code, out, _ = run_cli(["board", "stop"], capsys)
+        assert code == 0 and out.startswith("stopped emulated board")
+        assert not any(w.is_running() and w.status() != "zombie" for w in workers)
+        assert not background.group_members(board.pid, board.started_at)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(handle.process.pid, 9)
+
+
+def test_board_start_on_a_busy_port_is_one_line(capsys) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run_cli(["board", "start", "--emulated", "--port", str(port)], capsys)
+    assert code == 70 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("edgeq: error: port ") and "already in use" in err
+
+
+def test_board_start_on_a_non_loopback_host_warns_about_uploaded_code(capsys, monkeypatch) -> None:
+    from edgeq.errors import RemoteRunError
+
+    def not_started(*args, **kwargs):
+        raise RemoteRunError("stopped here by the test")
+
+    monkeypatch.setattr(background, "start_emulated_in_background", not_started)
+    _, _, err = run_cli(["board", "start", "--emulated", "--host", "0.0.0.0"], capsys)
+    assert "warning: --host 0.0.0.0" in err and "runs whatever code it is sent" in err
+    _, _, err = run_cli(["board", "start", "--emulated", "--host", "127.0.0.1"], capsys)
+    assert "warning" not in err

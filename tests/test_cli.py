@@ -20,6 +20,13 @@ def test_models_lists_reference_models(capsys) -> None:
     assert "deit_tiny_patch16_224" in out
 
 
+def test_models_timm_matches_a_plain_word_as_a_substring(capsys) -> None:
+    code, out, _ = run_cli(capsys, "models", "--timm", "deit")
+    assert code == 0 and "deit_tiny_patch16_224" in out and "deit_small_patch16_224" in out
+    code, out, _ = run_cli(capsys, "models", "--timm", "no-such-net")
+    assert code == 0 and ": 0" in out and "deit_tiny_patch16_224" in out  # the hint names a real one
+
+
 def test_eval_writes_timm_style_results(capsys, tiny_folder: Path, tmp_path: Path) -> None:
     out_file = tmp_path / "results.json"
     code, out, err = run_cli(capsys, "eval", "--model", "edgeq/vit-cifar10", "--random-init", "--data", str(tiny_folder),

@@ -224,3 +224,24 @@ def test_rows_that_do_not_group_reduce_in_lanes():
         x64 = x.astype(np.float64)
         want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * g + b
         np.testing.assert_allclose(out.numpy(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_class_token_take_is_bounds_checked_so_tvm_does_not_warn(tiny_onnx):
+    """ONNX Gather of the class token arrives as take(mode="fast"), which makes TVM print a segfault warning on
+    every build; its index is a constant within bounds, so the pipeline gives it the "clip" mode."""
+    from edgeq.lower.pipeline import checked_takes
+    from edgeq.lower.relax_import import import_onnx
+
+    def modes(mod) -> list[str]:
+        found = []
+
+        def visit(expr):
+            if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.take":
+                found.append(str(expr.attrs.mode))
+
+        relax.analysis.post_order_visit(mod["main"], visit)
+        return found
+
+    mod = import_onnx(tiny_onnx)
+    assert "fast" in modes(mod)
+    assert "fast" not in modes(checked_takes(mod)) and "clip" in modes(checked_takes(mod))

@@ -78,3 +78,13 @@ def test_plot_plan_with_unscored_and_default_layers(tmp_path):
                    {"method": "manual"})
     png = plot_plan({"a": 0.7, "b": 0.3, "c": 0.0}, plan, tmp_path / "p.png", title="hand plan")
     assert png.stat().st_size > 1000
+
+
+def test_plot_uses_a_log_axis_when_scores_span_decades(tmp_path):
+    from edgeq.bitplan import BitPlan
+    from edgeq.plan.plot import spans_decades
+
+    assert spans_decades([1e-4, 0.5, 30.0]) and not spans_decades([0.2, 0.9, 3.0])
+    assert not spans_decades([-1.0, 1e-4, 30.0]) and not spans_decades([0.0, 5.0])
+    png = plot_plan({"a": 1e-5, "b": 0.3, "c": 40.0, "d": 0.0}, BitPlan.uniform(8, 8), tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -218,7 +218,7 @@ def test_results_of_another_target_are_not_mixed(tmp_path) -> None:
 
 def test_each_plan_is_built_as_the_profile_build_config_says(tmp_path, monkeypatch) -> None:
     built = []
-    monkeypatch.setattr("edgeq.build.build_artifact", lambda config, folder: built.append(config))
+    monkeypatch.setattr("edgeq.build.build_artifact", lambda config, folder, progress=None: built.append(config))
     plan = write_plans(tmp_path, 1)[0]
     build = BuildConfig(target="rasp4", model="edgeq/swin-cifar10", calib="c.yaml", calib_count=8, method="repq")
     job = profile_module.PlanJob(plan, "0123456789abcdef", {})

@@ -61,6 +61,8 @@ def _safe_members(archive: tarfile.TarFile, source: Path):
 
 def extract_archive(path: Path) -> Path:
     """Extract ``path`` into the cache (once) and return the extraction folder."""
+    if not path.is_file():  # hashing a device or pipe named *.tar.gz would never end
+        raise DataError(f"archive {path} is not a regular file")
     try:
         digest = file_sha256(path)
     except OSError as exc:

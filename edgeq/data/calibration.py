@@ -21,6 +21,7 @@ import yaml
 from edgeq.data.folder import ImageFolder
 from edgeq.data.sampling import balanced_indices
 from edgeq.errors import DataError
+from edgeq.fileio import read_yaml
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 DEFAULT_COUNT = 32
@@ -36,12 +37,7 @@ class CalibrationRecipe:
 
 def read_recipe(path: str | os.PathLike) -> CalibrationRecipe:
     path = Path(path)
-    try:
-        raw: Any = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise DataError(f"cannot read calibration recipe {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise DataError(f"calibration recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw: Any = read_yaml(path, DataError, "calibration recipe")
     if not isinstance(raw, dict) or "data" not in raw:
         raise DataError(f"calibration recipe {path} needs at least a 'data:' entry")
     unknown = set(raw) - {"data", "count", "seed", "split"}
@@ -49,7 +45,7 @@ def read_recipe(path: str | os.PathLike) -> CalibrationRecipe:
         raise DataError(f"calibration recipe {path} has unknown keys: {', '.join(sorted(unknown))}")
     if not isinstance(raw.get("count", DEFAULT_COUNT), int) or raw.get("count", DEFAULT_COUNT) < 1:
         raise DataError(f"calibration recipe {path}: count must be a positive integer")
-    if not isinstance(raw.get("seed", 0), int):
+    if not isinstance(raw.get("seed", 0), int) or isinstance(raw.get("seed", 0), bool):
         raise DataError(f"calibration recipe {path}: seed must be an integer")
     data = str(raw["data"])
     # A relative data path in a recipe that is not found as given is tried beside the recipe too.

@@ -13,7 +13,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    """By name: an image-named entry that is not a file (a broken link, a pipe) is listed and refused on reading,
+    rather than silently left out of the data set."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir()
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -72,9 +74,15 @@ class ImageFolder:
 
     def load_image(self, index: int) -> Image.Image:
         path = self.samples[index].path
+        if not path.is_file():  # a pipe or device named *.png would block or never end
+            raise DataError(f"unreadable image {path}: not a regular file (a broken link, a device or a pipe)")
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
+        except Image.DecompressionBombError:
+            raise DataError(f"image {path} is too large to decode safely (more than "
+                            f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels): a decompression bomb or not a data set image") \
+                from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise DataError(f"unreadable image {path}: {exc}") from None
 

@@ -38,11 +38,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule.schedule import ScheduleError
 
+from edgeq.interrupt import raise_if_interrupted
 from edgeq.lower.kernels.micro import as_target
 
 __all__ = ["compile_relax", "cpu_pipeline", "gpu_pipeline", "schedule_relax", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
@@ -96,7 +99,8 @@ def _inline_injective(sch: Schedule) -> None:
                 sch.compute_inline(block)
                 changed = True
                 break
-            except RuntimeError:  # a block the primitive refuses (e.g. read by two consumers)
+            except ScheduleError:  # a block the primitive refuses (e.g. read by two consumers)
+                raise_if_interrupted()
                 continue
 
 
@@ -104,7 +108,8 @@ def _has_root(sch: Schedule) -> bool:
     try:
         sch.get_sblock("root")
         return True
-    except (RuntimeError, ValueError):  # the schedule primitive refused: keep the function as it is
+    except (ScheduleError, ValueError):  # no root block: nothing to schedule
+        raise_if_interrupted()
         return False
 
 
@@ -232,7 +237,8 @@ def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2, lanes: int 
                 trial = sch.copy()
                 try:
                     scheduled = reduction_schedule(trial, block, max_threads)
-                except (RuntimeError, ValueError):  # a primitive refused: try the next way
+                except (ScheduleError, ValueError):  # a primitive refused: try the next way
+                    raise_if_interrupted()
                     scheduled = False
                 if scheduled:
                     sch = trial
@@ -240,7 +246,8 @@ def schedule_cpu_primfunc(func: tirx.PrimFunc, max_threads: int = 2, lanes: int 
             else:
                 _parallel_vectorize(sch, block, max_threads, lanes)
         return sch.mod["main"]
-    except (RuntimeError, ValueError):  # the schedule primitive refused: keep the function as it is
+    except (ScheduleError, ValueError):  # the schedule primitive refused: keep the function as it is
+        raise_if_interrupted()
         return func
 
 
@@ -309,6 +316,71 @@ def _apply_tuning_db(tuning_db: str | os.PathLike, target: tvm.target.Target,
     return _apply
 
 
+#: Elementwise ops ONNX's Gather import wraps constant indices in (negative indices are normalized with
+#: ``where(i < 0, i + n, i)``), with their numpy equivalents, to evaluate such indices here.
+_INDEX_OPS = {"relax.where": np.where, "relax.less": np.less, "relax.greater": np.greater,
+              "relax.less_equal": np.less_equal, "relax.greater_equal": np.greater_equal, "relax.add": np.add,
+              "relax.subtract": np.subtract}
+
+
+@relax.expr_functor.mutator
+class _CheckedTakes(relax.PyExprMutator):
+    """``take(x, indices)`` from ONNX Gather (the class token) uses TVM's "fast" mode, for which TVM prints
+    "Fast mode segfaults when there are out-of-bounds indices" on every build. Indices computed from constants
+    alone and within bounds cannot be out of bounds: they get the "clip" mode, same result, no warning."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.bound: dict = {}
+
+    def visit_var_binding_(self, binding) -> None:
+        self.bound[binding.var] = binding.value
+        super().visit_var_binding_(binding)
+
+    def _constant(self, expr, depth: int = 0):
+        """``expr`` as a numpy array when only constants and :data:`_INDEX_OPS` make it, else None."""
+        expr = self.bound.get(expr, expr) if isinstance(expr, relax.Var) else expr
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return expr.value.numpy()
+        if depth > 8 or not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
+            return None
+        if expr.op.name == "relax.where":  # a constant condition needs only the branch it picks
+            condition = self._constant(expr.args[0], depth + 1)
+            if condition is not None and (condition.all() or not condition.any()):
+                return self._constant(expr.args[1 if condition.all() else 2], depth + 1)
+        compute = _INDEX_OPS.get(expr.op.name)
+        args = [self._constant(arg, depth + 1) for arg in expr.args] if compute else [None]
+        return compute(*args) if all(a is not None for a in args) else None
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take" and call.attrs.mode == "fast"):
+            return call
+        data, indices = call.args
+        ty = data.ty
+        shape = getattr(ty.shape, "values", None) if isinstance(ty, relax.TensorType) and ty.shape is not None \
+            else None
+        values = self._constant(indices)
+        if values is None or shape is None or call.attrs.axis is None:
+            return call
+        axis = int(call.attrs.axis)
+        extent = shape[axis if axis >= 0 else axis + len(shape)]
+        if not isinstance(extent, tirx.IntImm):
+            return call
+        if values.size and not (0 <= values.min() and values.max() < int(extent)):
+            return call
+        return relax.op.take(data, indices, axis=axis, mode="clip")
+
+
+@tvm.transform.module_pass(opt_level=0, name="edgeq.CheckedTakes")
+def checked_takes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    rewriter = _CheckedTakes(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 def legalizing_passes(tgt: tvm.target.Target) -> list:
     """Steps 1-2 of the module doc: what turns Relax ops into PrimFuncs before any is scheduled. ``edgeq tune``
     extracts its tasks after exactly these, so its database matches the PrimFuncs a build schedules."""
@@ -318,7 +390,7 @@ def legalizing_passes(tgt: tvm.target.Target) -> list:
 
     # FastMathTransform: erf/exp/tanh as vectorizable polynomials (libm's are scalar calls; GELU's erf alone
     # cost as much as all the GEMMs of a block); agreement with PyTorch stays ~1e-6
-    passes = [FloatKernels(tgt), relax.transform.FastMathTransform(), keep_kernels_opaque]
+    passes = [FloatKernels(tgt), relax.transform.FastMathTransform(), checked_takes, keep_kernels_opaque]
     return passes + cpu_generic.library_dispatch_passes(tgt) + cpu_generic.legalize_passes(tgt)
 
 

@@ -10,6 +10,15 @@ from edgeq.bitplan import BitPlan
 _BIT_COLOURS = {2: "#d73027", 3: "#fc8d59", 4: "#fee08b", 5: "#d9ef8b", 6: "#91cf60", 7: "#66bd63", 8: "#1a9850"}
 
 
+def spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
+    """Whether the positive values span more than ``decades`` orders of magnitude (and none is negative, which a
+    log axis cannot show)."""
+    positive = [v for v in values if v > 0]
+    if len(positive) < 2 or any(v < 0 for v in values):
+        return False
+    return max(positive) / min(positive) > 10 ** decades
+
+
 def plot_plan(scores: Mapping[str, float], plan: BitPlan, path: str | os.PathLike, title: str | None = None,
               order: Sequence[str] | None = None) -> Path:
     """Write a PNG with two aligned panels, one column per layer: the score (bars coloured by weight bits) above, and the chosen weight
@@ -42,6 +51,9 @@ def plot_plan(scores: Mapping[str, float], plan: BitPlan, path: str | os.PathLik
 
     top.bar(positions, values, color=colours, edgecolor="black", linewidth=0.3)
     top.set_ylabel("layer score")
+    if spans_decades(values):  # on a linear axis the largest scores flatten every other bar to nothing
+        top.set_yscale("log")
+        top.set_ylabel("layer score (log scale)")
     top.grid(axis="y", alpha=0.3)
     method = plan.provenance.get("method", "plan")
     budget = plan.provenance.get("budget")
@@ -69,7 +81,14 @@ def plot_plan(scores: Mapping[str, float], plan: BitPlan, path: str | os.PathLik
     bottom.set_xticklabels(names, rotation=90, fontsize=6 if len(names) > 40 else 7)
     bottom.set_xlim(-0.6, len(names) - 0.4)
 
+    from edgeq.fileio import replace_unless_interrupted
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
+    try:
+        fig.savefig(partial, dpi=120)
+        replace_unless_interrupted(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path

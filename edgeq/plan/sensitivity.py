@@ -162,7 +162,7 @@ def _read_cached(path, key: Mapping[str, Any]) -> Optional[SensitivityTable]:
         if data.get("version") != SENSITIVITY_VERSION or data.get("info", {}).get("key") != key:
             return None
         return SensitivityTable.from_json(data)
-    except (OSError, ValueError, KeyError, TypeError, PlanningError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, PlanningError):
         return None  # a damaged cache entry is measured again and overwritten
 
 

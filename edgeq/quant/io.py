@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edgeq.errors import QuantizedModelError
+from edgeq.fileio import replace_unless_interrupted
 from edgeq.quant.api import FORMAT, FORMAT_VERSION, QuantizedModel
 from edgeq.quant.convert import check_supported, convert, quantizable_layers
 from edgeq.quant.modules import LayerSpec
@@ -43,7 +44,7 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
     os.close(handle)
     try:
         save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(qmodel.metadata)})
-        os.replace(partial, target)
+        replace_unless_interrupted(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
@@ -63,7 +64,7 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise QuantizedModelError(f"{target} is not a readable safetensors file ({exc})") from None
     try:
         meta = json.loads(raw[METADATA_KEY])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, json.JSONDecodeError, RecursionError):
         raise QuantizedModelError(f"{target} has no edgeq quantization metadata") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise QuantizedModelError(f"{target} is not an edgeq quantized model")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from edgeq.errors import RemoteUnreachableError
 from edgeq.fileio import atomic_write_json
-from edgeq.remote.local import BoardHandle, process_started_at, stop_process_group
+from edgeq.remote.local import BoardHandle, _any_alive, process_started_at, stop_process_group
 
 
 def state_dir() -> Path:
@@ -51,8 +53,9 @@ class BackgroundBoard:
         return state_dir() / f"{self.name}.json"
 
     def alive(self) -> bool:
-        started = process_started_at(self.pid)
-        return started is not None and abs(started - self.started_at) <= 1.0 and _pid_running(self.pid)
+        """Whether any process of the board's process group still runs: the server, or a worker it left after
+        the server alone was killed (it may still serve the port)."""
+        return bool(group_members(self.pid, self.started_at))
 
     def listening(self, timeout: float = 2.0) -> bool:
         with contextlib.suppress(OSError):
@@ -62,15 +65,25 @@ class BackgroundBoard:
 
     def describe(self) -> str:
         via = f", registered at tracker {self.tracker} under key {self.key!r}" if self.tracker else ""
-        return f"{self.kind} board {self.name} on {self.address} (pid {self.pid}{via})"
+        return f"{self.kind} board {self.name} on {self.address} (process group {self.pid}{via})"
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+def group_members(pgid: int, not_before: float) -> list[int]:
+    """Running processes (not zombies) of process group ``pgid`` started no earlier than ``not_before`` (a
+    group id reused by a later, unrelated process group is not the board's)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[-1].split()
+            if int(fields[2]) != pgid or fields[0] in ("Z", "X"):
+                continue
+            pid = int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue
+        started = process_started_at(pid)
+        if started is not None and started >= not_before - 1.0:
+            members.append(pid)
+    return members
 
 
 def record(handle: BoardHandle, kind: str = "emulated") -> BackgroundBoard:
@@ -98,6 +111,9 @@ def start_emulated_in_background(
         for board in list_boards():
             if board.port == port and board.alive():
                 raise RemoteUnreachableError(f"{board.describe()} already serves on port {port}: edgeq board stop")
+        if not port_is_free(host, port):
+            raise RemoteUnreachableError(f"port {port} on {host} is already in use by another program; choose "
+                                         "another --port or leave it out (a free one is picked)")
     kwargs = {"log": log} if log is not None else {}
     handle = start_emulated_board(port, tracker, key or DEFAULT_KEY, host=host, **kwargs)
     return record(handle, "emulated")
@@ -113,15 +129,41 @@ def list_boards() -> list[BackgroundBoard]:
     return sorted(boards, key=lambda b: b.port)
 
 
-def stop_board(board: BackgroundBoard) -> bool:
-    """Stop a recorded board (server, popen worker, sessions), remove its work folder and state file.
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
-    Returns whether it was still running."""
-    was_running = board.alive() and stop_process_group(board.pid, board.started_at)
+
+def stop_board(board: BackgroundBoard) -> bool:
+    """Stop a recorded board (server, popen worker, sessions), remove its work folder and state file; the whole
+    process group goes, even when its leader was killed on its own before.
+
+    Returns whether anything of it was still running."""
+    members = group_members(board.pid, board.started_at)
+    if members:
+        stop_process_group(board.pid, board.started_at)  # the server and its children, when the server still runs
+        _end_group(board.pid, members)  # what is left of the group when it did not
+    was_running = bool(members)
     if Path(board.workdir).is_dir() and "edgeq" in board.workdir:  # only folders edgeq made for the board
         shutil.rmtree(board.workdir, ignore_errors=True)
     board.state_file.unlink(missing_ok=True)
     return was_running
+
+
+def _end_group(pgid: int, pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, to a process group until none of ``pids`` runs."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _any_alive(pids):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _any_alive(pids):
+            time.sleep(0.2)
 
 
 def select_boards(port: int | None = None) -> list[BackgroundBoard]:

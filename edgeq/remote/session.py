@@ -7,6 +7,12 @@ environment variables ``TVM_TRACKER_HOST``, ``TVM_TRACKER_PORT`` and ``TVM_TRACK
 Failures are told apart: nothing answering is :class:`RemoteUnreachableError` (70), a board that answered and
 then died or dropped the session is :class:`RemoteRunError` (71), and a library built for another architecture or
 device than the board has is :class:`ArtifactTargetMismatchError` (72).
+
+Every wait is bounded. Reaching a board and its RPC handshake must finish within ``EDGEQ_RPC_CONNECT_TIMEOUT``
+seconds (default 30; ``--rpc-connect-timeout``), else 70; each upload, module load, run or timing within
+``EDGEQ_RPC_TIMEOUT`` seconds (default 600; ``--rpc-timeout``), else 71. TVM's client blocks in ``recv`` with no
+timeout of its own, so a watchdog shuts this process's socket to the board down when the time is up, which makes
+the blocked call return with an error.
 """
 from __future__ import annotations
 
@@ -15,17 +21,75 @@ import json
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from edgeq.errors import ArtifactTargetMismatchError, RemoteRunError, RemoteUnreachableError
+from edgeq.interrupt import raise_if_interrupted
 from edgeq.targets import ElfInfo, TargetSpec, elf_info, load_target
 
 DEFAULT_TRACKER_PORT = 9190
 #: A file in the emulated board's sysroot that the guest sees at this absolute path (qemu looks under
 #: QEMU_LD_PREFIX first): how a session tells the emulated board from a real one.
 EMULATION_MARKER = "/etc/edgeq-emulated-board"
+
+#: Seconds to reach a board and finish the RPC handshake, unless ``EDGEQ_RPC_CONNECT_TIMEOUT`` says otherwise.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+#: Seconds one upload, load, run or timing on a board may take, unless ``EDGEQ_RPC_TIMEOUT`` says otherwise
+#: (a W8A8 ViT timed 10 times under qemu takes about 15 s; a real board is faster).
+DEFAULT_CALL_TIMEOUT = 600.0
+CONNECT_TIMEOUT_ENV = "EDGEQ_RPC_CONNECT_TIMEOUT"
+CALL_TIMEOUT_ENV = "EDGEQ_RPC_TIMEOUT"
+
+
+def timeout_from_env(variable: str, default: float) -> float:
+    """Seconds from ``variable`` (a positive number), else ``default``."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise RemoteUnreachableError(f"{variable}={text!r} is not a positive number of seconds")
+    return seconds
+
+
+class Watchdog:
+    """Shuts down this process's TCP connections to ``server`` once ``seconds`` pass: a TVM call blocked on a
+    silent board then returns with an error, and :attr:`fired` tells that error apart from others."""
+
+    def __init__(self, server: tuple[str, int], seconds: float):
+        self.seconds = seconds
+        self.fired = False
+        self._server = server
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def _cut(self) -> None:
+        import psutil
+
+        self.fired = True
+        host, port = self._server
+        try:  # resolved only now: most calls finish in time and need no lookup
+            peers = {(info[4][0], port) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except OSError:
+            peers = {(host, port)}
+        for conn in psutil.Process().net_connections("tcp"):
+            if conn.raddr and (conn.raddr.ip, conn.raddr.port) in peers and conn.fd >= 0:
+                with contextlib.suppress(OSError):
+                    with socket.socket(fileno=os.dup(conn.fd)) as sock:  # the dup is closed, the socket shut
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> "Watchdog":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
 
 
 @dataclass(frozen=True)
@@ -99,7 +163,8 @@ def resolve_address(
         return RemoteAddress(host, port, key, via_tracker=True)
     raise RemoteUnreachableError(
         "no board given: use --rpc HOST:PORT, or --rpc-tracker HOST[:9190] with --rpc-key KEY "
-        "(or set TVM_TRACKER_HOST, TVM_TRACKER_PORT, TVM_TRACKER_KEY)"
+        "(or set TVM_TRACKER_HOST, TVM_TRACKER_PORT, TVM_TRACKER_KEY); with no board at hand, "
+        "`edgeq board start --emulated` runs an emulated aarch64 one here"
     )
 
 
@@ -220,19 +285,22 @@ def connect(
     key: str | None = None,
     *,
     target: str | TargetSpec | None = None,
-    timeout: float = 30.0,
+    timeout: float | None = None,
     session_timeout: float = 0,
     env: Mapping[str, str] | None = None,
     default_key: str | None = None,
 ) -> "BoardSession":
     """Open a session with a board (see :func:`resolve_address` for where it is looked for).
 
-    ``target`` supplies the default tracker key (its ``rpc.key``) unless ``default_key`` is given. ``timeout`` bounds reaching the board (and,
-    through a tracker, waiting for a free one); ``session_timeout`` asks the server to end the session after so
-    many seconds (0: never). Raises :class:`RemoteUnreachableError` when nothing answers.
+    ``target`` supplies the default tracker key (its ``rpc.key``) unless ``default_key`` is given. ``timeout``
+    (default: ``EDGEQ_RPC_CONNECT_TIMEOUT``, else 30 s) bounds reaching the board (and, through a tracker, waiting
+    for a free one); the RPC handshake has ``EDGEQ_RPC_CONNECT_TIMEOUT`` too; ``session_timeout`` asks the server
+    to end the session after so many seconds (0: never). Raises :class:`RemoteUnreachableError` when nothing answers.
     """
     if default_key is None and target is not None:
         default_key = load_target(target).rpc_key
+    if timeout is None:
+        timeout = timeout_from_env(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT)
     address = resolve_address(rpc, tracker, key, default_key=default_key, env=env)
     if address.via_tracker:
         host, port, matchkey = _request_from_tracker(address, timeout)
@@ -240,14 +308,21 @@ def connect(
     else:
         host, port, matchkey = address.host, address.port, address.key
         where = address.describe()
+        # not through a tracker: a board given out by one expects its one-time key on the first connection
         check_listening(host, port, timeout, where)
     from tvm import rpc as tvm_rpc
 
+    handshake = timeout_from_env(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT)
     try:
-        session = tvm_rpc.connect(host, port, key=matchkey, session_timeout=session_timeout)
+        with Watchdog((host, port), handshake) as watchdog:
+            session = tvm_rpc.connect(host, port, key=matchkey, session_timeout=session_timeout)
     except Exception as err:  # TVM raises InternalError / RPCError / TVMError with the C++ check message
+        raise_if_interrupted()
         text = str(err).strip().splitlines()
         detail = text[-1] if text else type(err).__name__
+        if watchdog.fired:
+            detail = (f"it accepted the connection but did not answer the RPC handshake within {handshake:g} s "
+                      f"({CONNECT_TIMEOUT_ENV} or --rpc-connect-timeout sets the limit)")
         if "mismatch" in detail.lower() or "matches key" in detail:
             detail = f"the server refused the key {matchkey!r}: it serves another key (--rpc-key)"
         raise RemoteUnreachableError(f"cannot open an RPC session with the {where}: {detail}") from None
@@ -306,11 +381,16 @@ class BoardSession:
     @contextlib.contextmanager
     def remote_step(self, doing: str) -> Iterator[None]:
         """Turn transport failures into :class:`RemoteRunError` naming what was being done."""
+        limit = timeout_from_env(CALL_TIMEOUT_ENV, DEFAULT_CALL_TIMEOUT)
         try:
-            yield
+            with Watchdog(self.server, limit) as watchdog:
+                yield
         except (RuntimeError, OSError) as err:  # TVM's errors (InternalError, RPCError, ...) are RuntimeErrors
+            raise_if_interrupted()
             text = str(err).strip().splitlines()
             detail = text[-1] if text else type(err).__name__
+            if watchdog.fired:
+                detail = f"no answer within {limit:g} s ({CALL_TIMEOUT_ENV} or --rpc-timeout sets the limit)"
             raise RemoteRunError(f"board {self.server[0]}:{self.server[1]} failed while {doing}: {detail}") from err
 
     def run(self, vm, function: str, *args):
