@@ -70,6 +70,8 @@ def parse_args() -> argparse.Namespace:
                         help="block reconstruction after calibration: one grid row per method and choice")
     parser.add_argument("--recon-iters", type=int, default=ReconstructionConfig.iters,
                         help="reconstruction iterations per block")
+    parser.add_argument("--recon-weight-lr", type=float, default=ReconstructionConfig.weight_lr,
+                        help="learning rate of the rounding variables")
     parser.add_argument("--random-init", action="store_true", help="random weights (when bundled weights are missing)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--batch-size", type=int, default=250)
@@ -117,11 +119,15 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     def measure(bits: str, method: str, options: dict, recon: str = "none") -> dict:
         accs, secs = [], []
         for seed in range(args.seeds):
-            reconstruction = ReconstructionConfig(method=recon, iters=args.recon_iters, seed=seed)
+            reconstruction = ReconstructionConfig(method=recon, iters=args.recon_iters, weight_lr=args.recon_weight_lr,
+                                                  seed=seed)
             start = time.perf_counter()
             qmodel = quantize(model, calib[seed], bits, method=method, seed=seed, reconstruction=reconstruction,
                               **options)
             secs.append(time.perf_counter() - start)
+            for unit in (qmodel.metadata.get("reconstruction") or {}).get("units", []):
+                print(f"    {unit['unit']}: block output error {unit['start_error']:.4g} -> {unit['final_error']:.4g}"
+                      f"{'' if unit['kept'] else ' (calibrated start kept)'}", file=sys.stderr)
             accs.append(top1(qmodel, images, labels, args.batch_size))
         cell = summarize(accs)
         cell["quantize_seconds"] = statistics.fmean(secs)
@@ -131,7 +137,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
 
     for method in args.methods:
         for recon in args.reconstruct:
-            row = method if recon == "none" else f"{method} + {recon} ({args.recon_iters} it)"
+            row = method if recon == "none" else \
+                f"{method} + {recon} ({args.recon_iters} it, lr {args.recon_weight_lr:g})"
             result["grid"][row] = {bits: measure(bits, method, {}, recon) for bits in args.bits}
     if not args.no_ablations:
         for label, method, options in ABLATIONS:

@@ -18,8 +18,7 @@ from test_lower_integer_model import agrees, compiled_against_fake_quant
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TINY = dict(depth=1, embed_dim=48, num_heads=2)
-# few iterations, so a faster rounding rate than the default
-QUICK = ReconstructionConfig(iters=40, batch_size=8, weight_lr=1e-2)
+QUICK = ReconstructionConfig(iters=40, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +106,7 @@ def test_cache_hit_is_the_same_model_without_recomputing(tiny_vit, images, monke
         assert torch.equal(again(images), first(images))
     # other options are another entry: computed, not read
     with pytest.raises(AssertionError, match="although the result was cached"):
-        quantize(tiny_vit, images, "w4a4", method="repq", reconstruction=ReconstructionConfig(iters=41, batch_size=8, weight_lr=1e-2))
+        quantize(tiny_vit, images, "w4a4", method="repq", reconstruction=ReconstructionConfig(iters=41, batch_size=8))
 
 
 def test_interrupted_reconstruction_leaves_no_cache_entry(tiny_vit, images):
