@@ -35,6 +35,7 @@ from edgeq.errors import WeightsUnavailableError  # noqa: E402
 from edgeq.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from edgeq.models import REFERENCE_MODELS, create_model  # noqa: E402
 from edgeq.quant import METHODS, quantize  # noqa: E402
+from edgeq.quant.reconstruct import RECONSTRUCTION_METHODS, ReconstructionConfig  # noqa: E402
 
 BITS = ("w8a8", "w6a6", "w4a4", "w3a3")
 # (label, method, options) at W4A4
@@ -66,6 +67,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bits", nargs="+", default=list(BITS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--reconstruct", nargs="+", default=["none"], choices=list(RECONSTRUCTION_METHODS),
+                        help="block reconstruction after calibration: one grid row per method and choice")
+    parser.add_argument("--recon-iters", type=int, default=ReconstructionConfig.iters,
+                        help="reconstruction iterations per block")
+    parser.add_argument("--recon-weight-lr", type=float, default=ReconstructionConfig.weight_lr,
+                        help="learning rate of the rounding variables")
     parser.add_argument("--random-init", action="store_true", help="random weights (when bundled weights are missing)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--batch-size", type=int, default=250)
@@ -110,20 +117,30 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
               "fp32": top1(model, images, labels, args.batch_size), "grid": {}, "ablations": {}}
     print(f"{name}: float top-1 {result['fp32']:.2f} % on {len(images)} images", file=sys.stderr)
 
-    def measure(bits: str, method: str, options: dict) -> dict:
+    def measure(bits: str, method: str, options: dict, recon: str = "none") -> dict:
         accs, secs = [], []
         for seed in range(args.seeds):
+            reconstruction = ReconstructionConfig(method=recon, iters=args.recon_iters, weight_lr=args.recon_weight_lr,
+                                                  seed=seed)
             start = time.perf_counter()
-            qmodel = quantize(model, calib[seed], bits, method=method, seed=seed, **options)
+            qmodel = quantize(model, calib[seed], bits, method=method, seed=seed, reconstruction=reconstruction,
+                              **options)
             secs.append(time.perf_counter() - start)
+            for unit in (qmodel.metadata.get("reconstruction") or {}).get("units", []):
+                print(f"    {unit['unit']}: block output error {unit['start_error']:.4g} -> {unit['final_error']:.4g}"
+                      f"{'' if unit['kept'] else ' (calibrated start kept)'}", file=sys.stderr)
             accs.append(top1(qmodel, images, labels, args.batch_size))
         cell = summarize(accs)
         cell["quantize_seconds"] = statistics.fmean(secs)
-        print(f"  {bits} {method} {options or ''}: {fmt(cell)}", file=sys.stderr)
+        print(f"  {bits} {method} {recon if recon != 'none' else ''} {options or ''}: {fmt(cell)} "
+              f"({cell['quantize_seconds']:.0f} s per quantization)", file=sys.stderr)
         return cell
 
     for method in args.methods:
-        result["grid"][method] = {bits: measure(bits, method, {}) for bits in args.bits}
+        for recon in args.reconstruct:
+            row = method if recon == "none" else \
+                f"{method} + {recon} ({args.recon_iters} it, lr {args.recon_weight_lr:g})"
+            result["grid"][row] = {bits: measure(bits, method, {}, recon) for bits in args.bits}
     if not args.no_ablations:
         for label, method, options in ABLATIONS:
             if not options and "w4a4" in args.bits and method in result["grid"]:

@@ -68,6 +68,8 @@ class BuildConfig:
     plan: Optional[str] = None           # plan.json path
     method: str = "lrp-qvit"
     float_model: bool = False            # build the unquantized model
+    reconstruct: str = "none"            # block reconstruction after calibration: none | adaround | auto
+    recon_iters: Optional[int] = None    # None: ReconstructionConfig's default
     eval_data: Optional[str] = None      # None: the reference models' CIFAR-10 val set, else no accuracy
     eval_limit: Optional[int] = DEFAULT_EVAL_LIMIT  # 0: skip the accuracy stage
     golden_count: int = GOLDEN_COUNT
@@ -195,11 +197,21 @@ def eval_set(config: BuildConfig, model):
 
 def quantize_model(config: BuildConfig, model, plan, images, progress: Optional[Progress]):
     from edgeq.quant import SyntheticCalibrationWarning, quantize
+    from edgeq.quant.reconstruct import resolve_reconstruction
 
+    reconstruction = resolve_reconstruction(config.reconstruct, plan, config.recon_iters)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SyntheticCalibrationWarning)  # the manifest says "synthetic"
-        return quantize(model, images, plan, method=config.method,
+        return quantize(model, images, plan, method=config.method, reconstruction=reconstruction,
                         progress=lambda done, total, _what: _say(progress, "quantizing", done, total))
+
+
+def _reconstruction_entry(qmodel) -> Optional[dict[str, Any]]:
+    """The manifest's ``reconstruction``: how the rounding and steps were learned (None: calibration only)."""
+    record = (qmodel.metadata.get("reconstruction") if qmodel is not None else None) or None
+    if record is None:
+        return None
+    return {k: record[k] for k in ("method", "iters", "batch_size", "drop_prob", "seed", "images", "seconds")}
 
 
 def weight_layout(qmodel, constants: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -497,6 +509,7 @@ def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[P
             "target": target_entry(spec, host_spec),
             "bits": bits,
             "method": config.method if precision == "int" else None,
+            "reconstruction": _reconstruction_entry(qmodel),
             "files": A.describe_files(partial, [p.name for p in partial.iterdir() if p.name != A.MANIFEST]),
             "calibration": calibration,
             "accuracy": accuracy,

@@ -46,22 +46,33 @@ def model_options(command):
     return click.option("--model", "model_name", required=True, help="edgeq/<name> or a timm model name.")(command)
 
 
-class QuantMethodChoice(click.Choice):
-    """:data:`edgeq.quant.config.METHODS`, looked up when click first reads them: importing :mod:`edgeq.quant`
-    loads torch (seconds), which commands that take no method and ``edgeq --help`` should not wait for."""
+class LazyChoice(click.Choice):
+    """Choices from ``load()``, called when click first reads them: importing :mod:`edgeq.quant` loads torch
+    (seconds), which commands that take no such option and ``edgeq --help`` should not wait for."""
 
-    def __init__(self) -> None:  # click.Choice's would store the choices now
+    def __init__(self, load) -> None:  # click.Choice's would store the choices now
         self.case_sensitive = True
+        self._load = load
 
     @property
     def choices(self) -> tuple[str, ...]:
-        from edgeq.quant.config import METHODS
+        return tuple(self._load())
 
-        return METHODS
+
+def _quant_methods():
+    from edgeq.quant.config import METHODS
+
+    return METHODS
+
+
+def _reconstruction_choices():
+    from edgeq.quant.reconstruct import RECONSTRUCTION_CHOICES
+
+    return RECONSTRUCTION_CHOICES
 
 
 def quant_method_option(flag: str = "--method", help: str | None = None):
-    return click.option(flag, type=QuantMethodChoice(), default="lrp-qvit", show_default=True, help=help)
+    return click.option(flag, type=LazyChoice(_quant_methods), default="lrp-qvit", show_default=True, help=help)
 
 
 def calibration_options(command):
@@ -70,6 +81,17 @@ def calibration_options(command):
                            help="Calibration images (default: recipe's, else 32).")(command)
     return click.option("--calib", required=True, metavar="DIR|ARCHIVE|RECIPE.yaml",
                         help="Calibration images: a folder, an archive, or a recipe in calibration/.")(command)
+
+
+def reconstruction_options(command):
+    """--reconstruct and --recon-iters, shared by quantize and build."""
+    command = click.option("--recon-iters", type=click.IntRange(min=1), default=None,
+                           help="Reconstruction iterations per block (default: ReconstructionConfig.iters, "
+                                "edgeq/quant/reconstruct.py).")(command)
+    return click.option("--reconstruct", type=LazyChoice(_reconstruction_choices), default="none",
+                        show_default=True,
+                        help="Block reconstruction after calibration (AdaRound rounding + LSQ steps, QDrop); "
+                             "auto: when some layer has 4 bits or fewer. Results are cached.")(command)
 
 
 def load_calibration_option(model, calib: str, count: int | None, seed: int | None):
@@ -257,17 +279,20 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
 @click.option("--reparam/--no-reparam", default=None, help="Ablation: post-LayerNorm channel-wise → layer-wise reparameterization.")
 @click.option("--log2/--no-log2", default=None, help="Ablation: log√2 (as log2) quantizer for post-Softmax activations.")
 @click.option("--clip/--no-clip", default=None, help="Ablation: LRP-QViT clipping of post-LayerNorm channel ranges.")
+@reconstruction_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where q.safetensors goes.")
 def quantize_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, bits, plan_path, method,
-                     reparam, log2, clip, out) -> None:
+                     reparam, log2, clip, reconstruct, recon_iters, out) -> None:
     """Calibrate and quantize a model with uniform bits or a bit plan; write q.safetensors."""
     import warnings
 
     from edgeq.bitplan import resolve_plan
     from edgeq.quant import quantize, save_quantized
+    from edgeq.quant.reconstruct import resolve_reconstruction
 
     plan = resolve_plan(bits, plan_path)
     check_outputs(("--out", out))
+    reconstruction = resolve_reconstruction(reconstruct, plan, recon_iters)
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if calib is not None:
@@ -275,9 +300,11 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
     else:
         click.echo("edgeq: warning: no --calib given: calibrating on images synthesized from the model", err=True)
     switches = {k: v for k, v in (("reparam", reparam), ("log2", log2), ("clip", clip)) if v is not None}
-    with progress_bar("calibrating") as update, warnings.catch_warnings():
+    with progress_bar("calibrating" + (" and reconstructing" if reconstruction else "")) as update, \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the synthetic-calibration warning was printed above
-        qmodel = quantize(model, images, plan, method=method, progress=lambda d, t, _what: update(d, t), **switches)
+        qmodel = quantize(model, images, plan, method=method, progress=lambda d, t, _what: update(d, t),
+                          reconstruction=reconstruction, **switches)
     written = save_quantized(qmodel, out)
     click.echo(f"quantized {model_name} ({method}, {plan.provenance.get('spec') or plan_path}) → {written}")
 
@@ -296,6 +323,7 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Per-layer bit plan (JSON) from `edgeq plan`.")
 @quant_method_option()
 @click.option("--float", "float_model", is_flag=True, help="Build the unquantized model (float kernels).")
+@reconstruction_options
 @click.option("--target", required=True, metavar="NAME|TAG|JSON",
               help="A board from `edgeq targets`, a TVM tag, or a JSON target.")
 @click.option("--out", type=click.Path(path_type=Path),
@@ -307,7 +335,7 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
 @click.option("--tuning-db", type=click.Path(path_type=Path),
               help="MetaSchedule database from `edgeq tune` (e.g. build/NAME.tuning): tuned float-op schedules.")
 def build_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, bits, plan_path, method,
-                  float_model, target, out, eval_data, eval_limit, tuning_db) -> None:
+                  float_model, reconstruct, recon_iters, target, out, eval_data, eval_limit, tuning_db) -> None:
     """Quantize, lower to integer kernels and compile for a board: writes an artifact directory."""
     from edgeq.artifact import load_artifact
     from edgeq.build import BuildConfig, build_artifact, is_reference
@@ -320,7 +348,8 @@ def build_command(model_name, checkpoint, random_init, calib, calib_count, calib
     config = BuildConfig(target=target, model=model_name, checkpoint=str(checkpoint) if checkpoint else None,
                          random_init=random_init, calib=calib, calib_count=calib_count, calib_seed=calib_seed,
                          bits=bits, plan=str(plan_path) if plan_path else None, method=method,
-                         float_model=float_model, eval_data=eval_data, eval_limit=eval_limit,
+                         float_model=float_model, reconstruct=reconstruct, recon_iters=recon_iters,
+                         eval_data=eval_data, eval_limit=eval_limit,
                          tuning_db=str(tuning_db) if tuning_db else None)
     if calib is None and not float_model and not is_reference(model_name):
         click.echo("edgeq: warning: no --calib given: calibrating on images synthesized from the model", err=True)
@@ -354,7 +383,7 @@ def stage_progress() -> Iterator:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    # elapsed for the whole command, remaining for the stage that counts its steps (calibration, accuracy)
+    # elapsed for the whole command, remaining for the stage that counts its steps (calibration, reconstruction)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("starting", total=None)

@@ -27,6 +27,11 @@ def _lowered(build_fn, tmp_path_factory, name, spec, image_size=32, **arch):
     model = build_fn(name, **arch)
     calib = torch.randn(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
     qmodel = quantize(model, calib, spec, method="lrp-qvit")
+    return compiled_against_fake_quant(qmodel, tmp_path_factory, image_size)
+
+
+def compiled_against_fake_quant(qmodel, tmp_path_factory, image_size=32):
+    """(qmodel, lowered Relax module, fake-quant logits, compiled host logits) on six seeded images."""
     path = export_onnx(qmodel, tmp_path_factory.mktemp("onnx") / "model.onnx")
     mod = lower_integer(import_onnx(path, batch=2), "host")
     vm = relax.VirtualMachine(build(mod, "host"), tvm.cpu())
@@ -48,7 +53,7 @@ def swin_w8a8(build, tmp_path_factory):
                     embed_dim=16, depths=(2, 1), num_heads=(2, 2))
 
 
-def _agrees(expected, got, rel):
+def agrees(expected, got, rel):
     assert got.shape == expected.shape
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     assert np.linalg.norm(got - expected) <= rel * np.linalg.norm(expected)
@@ -56,12 +61,12 @@ def _agrees(expected, got, rel):
 
 def test_vit_w4a4_compiled_integer_program_agrees_with_fake_quant(vit_w4a4):
     qmodel, mod, expected, got = vit_w4a4
-    _agrees(expected, got, rel=0.05)
+    agrees(expected, got, rel=0.05)
 
 
 def test_swin_w8a8_compiled_integer_program_agrees_with_fake_quant(swin_w8a8):
     qmodel, mod, expected, got = swin_w8a8
-    _agrees(expected, got, rel=0.05)
+    agrees(expected, got, rel=0.05)
 
 
 @pytest.mark.parametrize("case", ["vit_w4a4", "swin_w8a8"])

@@ -53,6 +53,7 @@ from edgeq.fileio import atomic_write_json
 from edgeq.plan.allocate import DEFAULT_A_BITS, DEFAULT_W_BITS
 from edgeq.plan.latency import parse_width_key, width_key
 from edgeq.quant.api import check_calibration_data, expected_input_shape
+from edgeq.quant.digest import images_digest, model_digest
 from edgeq.quant.config import MIN_CALIBRATION_IMAGES, QuantConfig
 from edgeq.quant.convert import check_supported, layer_specs
 from edgeq.quant.modules import QUANT_ATTENTION, Calibration, LayerSpec, QuantConv2d, QuantLinear, QuantMatMul, swap_attention
@@ -132,21 +133,6 @@ class SensitivityTable:
 
 
 # --------------------------------------------------------------------------- hashing and cache
-
-
-def model_digest(model: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of the model's state dict."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def images_digest(images: torch.Tensor) -> str:
-    """sha256 of a float32 image batch (as :class:`edgeq.data.calibration.CalibrationSet` names it)."""
-    return hashlib.sha256(images.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _cache_path(key: Mapping[str, Any]):

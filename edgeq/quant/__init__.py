@@ -48,6 +48,11 @@ Methods: ``minmax`` (min/max everywhere, uniform softmax, no reparameterization)
 (search, reparam, log2), ``lrp-qvit`` (``repq`` plus clipping); every switch is a
 :class:`QuantConfig` field and can be overridden: ``quantize(..., method="repq", log2=False)``.
 
+Reconstruction (optional, ``quantize(..., reconstruction=ReconstructionConfig())``): after calibration,
+unit by unit (patch embedding, each block, the head), the weight rounding (AdaRound) and the uniform
+activation steps (LSQ) are learned so each quantized unit reproduces the float unit's output, with QDrop's
+random dropping of activation quantization; the result has the same integer format. See ``reconstruct``.
+
 Calibration runs the whole calibration batch through the model once; each quantized layer
 calibrates on its first input, which already went through every quantized layer before it.
 At least ``MIN_CALIBRATION_IMAGES`` (4) images of the model's input size are required; with

@@ -14,11 +14,11 @@ from edgeq.bitplan import BitPlan
 from edgeq.errors import CalibrationError
 from edgeq.quant.config import MIN_CALIBRATION_IMAGES, QuantConfig
 from edgeq.quant.convert import check_supported, convert, layer_specs, quantizable_layers
-from edgeq.quant.modules import Calibration, LayerSpec, QuantMatMul, _QuantWeighted
+from edgeq.quant.modules import Calibration, QuantMatMul, _QuantWeighted
+from edgeq.quant.qmodel import FORMAT, FORMAT_VERSION, QuantizedModel
+from edgeq.quant.reconstruct import ReconstructionConfig, check_reconstruction_images, reconstruct, reconstruction_units
 from edgeq.quant.synthetic import synthesize_calibration
 
-FORMAT = "edgeq.quantized"
-FORMAT_VERSION = 1
 FLOAT_OPS = ("LayerNorm", "Softmax", "GELU", "residual add", "position embedding", "class/distillation token",
              "Swin relative position bias and attention mask", "pooling", "q/k norms")
 
@@ -27,51 +27,6 @@ Progress = Callable[[int, int, str], None]
 
 class SyntheticCalibrationWarning(UserWarning):
     """Quantization ran on synthetic calibration images because no data was given."""
-
-
-class QuantizedModel(nn.Module):
-    """A quantized model: ``forward`` runs it in PyTorch (fake quantization), ``export`` gives the integers.
-
-    ``model`` is the converted timm model; ``metadata`` the JSON-able record that ``save_quantized``
-    stores. ``layers`` maps each quantizable layer name to its quantized module.
-    """
-
-    def __init__(self, model: nn.Module, metadata: dict[str, Any]):
-        super().__init__()
-        self.model = model
-        self.metadata = metadata
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    @property
-    def layers(self) -> dict[str, nn.Module]:
-        names = set(self.metadata["layers"])
-        return {name: m for name, m in self.model.named_modules() if name in names}
-
-    def export(self) -> dict[str, Any]:
-        """Per layer, what a compiler needs; plus the folded LayerNorms.
-
-        ``layers[name]`` for a Linear/conv: ``weight_int`` (int8, values within
-        ``[weight_qmin, weight_qmax]``), ``weight_scale`` and ``weight_zero_point`` per output
-        channel, float ``bias`` (already including the reparameterization), and ``input`` (the
-        per-tensor activation quantizer: scale, zero_point, qmin, qmax, bits). For a matmul:
-        ``a`` and ``b`` operand quantizers (``a`` of ``matmul_av`` is the log2 quantizer:
-        scale, bits, zero_code, frac_bits, odd_multiplier). ``norms[name]`` holds the
-        reparameterized LayerNorm affine (``weight``, ``bias``, ``eps``) and the layer it feeds.
-        """
-        layers = {name: module.export() for name, module in self.layers.items()}
-        norms = {}
-        for name, spec in self.metadata["layers"].items():
-            if spec.get("norm"):
-                norm = self.model.get_submodule(spec["norm"])
-                norms[spec["norm"]] = {"weight": norm.weight.detach().clone(), "bias": norm.bias.detach().clone(),
-                                       "eps": norm.eps, "feeds": name}
-        return {"layers": layers, "norms": norms}
-
-    @property
-    def specs(self) -> dict[str, LayerSpec]:
-        return {name: LayerSpec.from_json(name, data) for name, data in self.metadata["layers"].items()}
 
 
 def expected_input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -109,6 +64,8 @@ def quantize(
     *,
     progress: Optional[Progress] = None,
     config: Optional[QuantConfig] = None,
+    reconstruction: Optional[ReconstructionConfig] = None,
+    cache: bool = True,
     **options: Any,
 ) -> QuantizedModel:
     """Quantize a copy of ``model`` (left untouched) with ``plan`` by ``method``.
@@ -117,7 +74,10 @@ def quantize(
     synthetic calibration images (with a :class:`SyntheticCalibrationWarning`). ``plan``: a
     BitPlan or a ``wNaM`` spec. ``method``: minmax | repq | lrp-qvit; ``options`` replace fields
     of the method's :class:`QuantConfig` preset (e.g. ``clip=False``), or pass ``config``
-    whole. ``progress(done, total, what)`` is called as calibration advances.
+    whole. ``progress(done, total, what)`` is called as calibration (and reconstruction) advances.
+    ``reconstruction``: block reconstruction after calibration (``edgeq.quant.reconstruct``); its
+    result is cached under the edgeq cache, keyed by model, images, method, options and plan, unless
+    ``cache`` is False.
     """
     if config is None:
         config = QuantConfig.for_method(method, **options)
@@ -130,7 +90,12 @@ def quantize(
     check_supported(model)
     plan.check_layers(quantizable_layers(model))
     expected = expected_input_shape(model)
+    if reconstruction is not None and not reconstruction.enabled:
+        reconstruction = None
+    if reconstruction is not None and calib_data is not None and isinstance(calib_data, torch.Tensor):
+        check_reconstruction_images(int(calib_data.shape[0]))
 
+    float_model = model
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -153,8 +118,19 @@ def quantize(
         data = check_calibration_data(calib_data, expected)
         source = "data"
 
+    cache_entry = None
+    if reconstruction is not None:
+        check_reconstruction_images(int(data.shape[0]))
+        cache_entry = _reconstruction_cache(float_model, data, method, config, plan, reconstruction) if cache else None
+        if cache_entry is not None and cache_entry[2] is not None:
+            return cache_entry[2]
+
     calibration = Calibration(config=config, total=len(specs), progress=progress, offset=synth_steps)
     convert(model, specs, calibration)
+    recon_steps = 0
+    if reconstruction is not None:
+        recon_steps = len(reconstruction_units(model, list(specs))) * reconstruction.iters
+        calibration.total += recon_steps
     with torch.no_grad():
         out = model(data)
     pending = [name for name, m in model.named_modules()
@@ -185,4 +161,38 @@ def quantize(
         "float_ops": list(FLOAT_OPS),
         "layers": layers,
     }
-    return QuantizedModel(model, metadata)
+    qmodel = QuantizedModel(model, metadata)
+    if reconstruction is not None:
+        offset = synth_steps + len(specs)
+        reconstruct(float_model, qmodel, data, reconstruction,
+                    progress=(lambda done, _t, what: progress(offset + done, offset + recon_steps, what))
+                    if progress else None)
+        if cache_entry is not None:
+            from edgeq.quant.io import save_quantized
+
+            path, key, _ = cache_entry
+            qmodel.metadata["reconstruction"]["key"] = key
+            save_quantized(qmodel, path)
+    return qmodel
+
+
+def _reconstruction_cache(float_model: nn.Module, data: torch.Tensor, method: str, config: QuantConfig,
+                          plan: BitPlan, reconstruction: ReconstructionConfig):
+    """(cache file, key, the cached model or None) of a reconstructed quantization."""
+    from edgeq.errors import QuantizedModelError
+    from edgeq.quant.digest import images_digest, model_digest
+    from edgeq.quant.io import load_quantized
+    from edgeq.quant.reconstruct import cache_key, cache_path
+
+    key = cache_key(model_digest(float_model), images_digest(data), method, config.to_json(),
+                    plan.to_json(), reconstruction)
+    path = cache_path(key)
+    if not path.is_file():
+        return path, key, None
+    try:
+        cached = load_quantized(path, float_model)
+    except QuantizedModelError:
+        return path, key, None  # a damaged entry is computed again and replaced
+    if (cached.metadata.get("reconstruction") or {}).get("key") != key:
+        return path, key, None
+    return path, key, cached

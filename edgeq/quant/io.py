@@ -21,7 +21,7 @@ from torch import nn
 
 from edgeq.errors import QuantizedModelError
 from edgeq.fileio import replace_unless_interrupted
-from edgeq.quant.api import FORMAT, FORMAT_VERSION, QuantizedModel
+from edgeq.quant.qmodel import FORMAT, FORMAT_VERSION, QuantizedModel
 from edgeq.quant.convert import check_supported, convert, quantizable_layers
 from edgeq.quant.modules import LayerSpec
 

@@ -162,6 +162,7 @@ class _QuantWeighted(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out))
         self.input_quant = UniformQuantizer(input_bits, spec.act_symmetric)
+        self.float_weight: Optional[torch.Tensor] = None
         self._pending: Optional[_Pending] = None
 
     @property
@@ -177,6 +178,9 @@ class _QuantWeighted(nn.Module):
         percentiles = config.percentiles if config.search else (1.0,)
         scale, zp, qmin, qmax = Q.weight_params(weight, self.spec.w_bits, self.spec.weight_symmetric, percentiles)
         self.weight_int.copy_(Q.quantize_weight(weight, scale, zp, qmin, qmax).to(torch.int8))
+        # Kept (outside the state dict) for block reconstruction, which learns the rounding of this
+        # exact (reparameterized) float weight; a model loaded from a file has none.
+        self.float_weight = weight.detach().clone()
         self.weight_scale.copy_(scale)
         self.weight_zero_point.copy_(zp.to(torch.int32))
         self.bias.copy_(bias)
