@@ -20,7 +20,8 @@ For each model (batch 1; timm models with random weights, edgeq reference models
 
 Each edgeq build runs in a child process, which reports its compile time (import + lowering + TVM build +
 link) and its peak resident memory (``ru_maxrss``, Python and the libraries included). Timing interleaves the
-contenders: every round calls each one once, ``--repeat`` rounds, after ``--warmup`` calls each; the table
+contenders: every round calls each one twice and times the second call (the first lets the previous contender's
+idle threads settle), ``--repeat`` rounds, after ``--warmup`` calls each; the table
 gives median and 90th percentile over rounds and each edgeq row's median as a ratio to ONNX Runtime fp32 and
 int8. On a loaded machine only the ratios of one run mean anything.
 """
@@ -228,6 +229,9 @@ def time_interleaved(contenders, repeat: int, warmup: int) -> dict[str, list[flo
     times: dict[str, list[float]] = {label: [] for label, _ in contenders}
     for _ in range(repeat):
         for label, call in contenders:
+            # one untimed call first: TVM's pool workers spin for a while after each parallel region, holding a
+            # core the next contender needs (ONNX Runtime fp32 timed 24 ms right after edgeq, 17.5 ms alone)
+            call()
             start = time.perf_counter()
             call()
             times[label].append((time.perf_counter() - start) * 1e3)
