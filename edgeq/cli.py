@@ -38,6 +38,23 @@ def cli() -> None:
     """Quantize vision transformers with per-layer mixed precision and run them as integer code on edge boards."""
 
 
+class WidthList(click.ParamType):
+    """``"4"`` or ``"2,3,4"``: distinct bit widths from 2 to 8, as a sorted tuple."""
+
+    name = "widths"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            widths = sorted({int(part) for part in str(value).split(",")})
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of bit widths", param, ctx)
+        if not widths or not all(2 <= w <= 8 for w in widths):
+            self.fail(f"{value!r}: every width must be from 2 to 8", param, ctx)
+        return tuple(widths)
+
+
 def model_options(command):
     """--model, --checkpoint and --random-init, shared by every command that loads a model."""
     command = click.option("--random-init", is_flag=True, help=RANDOM_INIT_HELP)(command)
@@ -229,11 +246,16 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
 @click.option("--budget", "budgets", multiple=True, required=True, metavar="KIND=VALUE",
               help="avg-bits=4, weight-bytes=1.5MB, bops=1.2G or latency-ms=12 (with --latency-table); repeatable.")
 @click.option("--latency-table", type=click.Path(path_type=Path), help="Per-layer latency table (JSON) for latency-ms budgets.")
+@click.option("--w-bits", "w_bits", type=WidthList(), default="2,3,4,6,8", show_default=True, metavar="N[,N...]",
+              help="Weight widths a layer may get.")
+@click.option("--a-bits", "a_bits", type=WidthList(), default="4,6,8", show_default=True, metavar="N[,N...]",
+              help="Activation widths a layer may get: one value fixes them all (4 for an A4 plan), several let "
+                   "a bops or latency-ms budget choose (avg-bits and weight-bytes count weights only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the bit plan (JSON) goes.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw per-layer scores and chosen bits (PNG).")
 def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, method, quant_method, budgets,
-                 latency_table, seed, out, plot) -> None:
+                 latency_table, w_bits, a_bits, seed, out, plot) -> None:
     """Choose per-layer bit widths under a budget and write a bit plan."""
     from edgeq.bitplan import write_plan
     from edgeq.plan import check_method, make_plan, parse_budgets, plan_metrics, plot_plan, layer_costs
@@ -256,7 +278,7 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
         images = calibration.images
     with progress_bar("measuring sensitivity") as update:
         plan, scores = make_plan(model, method, list(budgets), images, seed=seed, latency=latency_table,
-                                 model_name=model_name, quant_method=quant_method,
+                                 model_name=model_name, quant_method=quant_method, w_bits=w_bits, a_bits=a_bits,
                                  progress=lambda done, total, _layer: update(done, total))
     write_plan(plan, out)
     metrics = plan_metrics(plan, layer_costs(model), latency=latency_table)

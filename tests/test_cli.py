@@ -106,6 +106,34 @@ def test_plan_writes_a_plan_under_budget_and_plot(capsys, tiny_folder: Path, tmp
     assert re.search(r"avg-bits (3\.\d+|4)\b", stdout)
 
 
+def test_plan_fixes_or_bounds_activation_widths(capsys, tiny_folder: Path, tmp_path: Path) -> None:
+    from edgeq.bitplan import read_plan
+
+    out = tmp_path / "a4.json"
+    code, _, err = run_cli(capsys, "plan", "--model", "edgeq/vit-cifar10", "--random-init", "--calib",
+                           str(tiny_folder), "--calib-count", "2", "--method", "lrp", "--budget", "avg-bits=4",
+                           "--a-bits", "4", "--w-bits", "3,4,5", "--out", str(out))
+    assert code == 0, err
+    layers = read_plan(out).layers
+    assert layers and {bits.a for bits in layers.values()} == {4}
+    assert {bits.w for name, bits in layers.items() if not name.endswith(("matmul_qk", "matmul_av"))} <= {3, 4, 5}
+    # a bops budget with two activation widths: the program lowers some activations, not only weights
+    out = tmp_path / "bops.json"
+    code, _, err = run_cli(capsys, "plan", "--model", "edgeq/vit-cifar10", "--random-init", "--calib",
+                           str(tiny_folder), "--calib-count", "2", "--method", "random", "--budget", "bops=8G",
+                           "--w-bits", "8", "--a-bits", "4,8", "--out", str(out))
+    assert code == 0, err
+    assert {bits.a for bits in read_plan(out).layers.values()} == {4, 8}
+
+
+@pytest.mark.parametrize("option, value", [("--a-bits", "9"), ("--w-bits", "4,x"), ("--a-bits", "")])
+def test_plan_bad_width_lists_are_usage_errors(capsys, tmp_path: Path, option, value) -> None:
+    out = tmp_path / "plan.json"
+    code, _, err = run_cli(capsys, "plan", "--model", "edgeq/vit-cifar10", "--random-init", "--calib", "unused",
+                           "--method", "random", "--budget", "avg-bits=4", option, value, "--out", str(out))
+    assert code == 2 and option in err and not out.exists()
+
+
 @pytest.mark.parametrize("budget, code, message", [("avg-bit=4", 30, "unknown kind 'avg-bit'"),
                                                     ("avg-bits=1.5", 31, "the smallest feasible is avg-bits=2")])
 def test_plan_bad_budgets_keep_previous_plan(capsys, tiny_folder: Path, tmp_path: Path, budget, code, message):
