@@ -19,7 +19,9 @@ import os
 import platform
 import shutil
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ from edgeq.errors import TargetError
 from edgeq.fileio import read_yaml
 
 #: Architectures a board's loader can accept, named as in ``TargetSpec.arch``.
+#: How many ``tvm.target.Target`` objects the specs of this process have made (one per spec at most).
+TVM_TARGETS_MADE = 0
+
 ARCHES = ("aarch64", "armhf", "x86_64")
 
 #: The default cross toolchain for a JSON target or a tag, by architecture: (compiler, Debian package).
@@ -96,11 +101,13 @@ class TargetSpec:
     board_json: str = "{}"  # what the board must have (os, python, apt, pip, notes), as JSON
     source: str = ""  # the YAML path, "tag:NAME" or "json"
 
-    @property
+    # Parsed once per spec (cached_property writes the instance dict, which a frozen dataclass allows); the JSON
+    # strings stay the fields so that specs compare and hash by value. Callers read these dicts, never mutate them.
+    @cached_property
     def target(self) -> dict[str, Any]:
         return json.loads(self.target_json)
 
-    @property
+    @cached_property
     def host(self) -> dict[str, Any] | None:
         return json.loads(self.host_json) if self.host_json else None
 
@@ -117,14 +124,20 @@ class TargetSpec:
     def is_gpu(self) -> bool:
         return self.device_kind != "cpu"
 
-    @property
+    @cached_property
     def requirements(self) -> dict[str, Any]:
         return json.loads(self.board_json)
 
     def tvm_target(self):
-        """The ``tvm.target.Target`` (with its host for GPU targets)."""
+        """The ``tvm.target.Target`` (with its host for GPU targets), made on the first call and shared after."""
+        return self._tvm_target
+
+    @cached_property
+    def _tvm_target(self):
         import tvm
 
+        global TVM_TARGETS_MADE
+        TVM_TARGETS_MADE += 1
         host = self.host
         return tvm.target.Target(self.target, host=host) if host else tvm.target.Target(self.target)
 
@@ -168,14 +181,16 @@ def list_targets() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-def load_target(what: str | os.PathLike | TargetSpec) -> TargetSpec:
-    """A board name, a YAML path, a TVM tag or a JSON target, as a :class:`TargetSpec`.
+def load_target(what: str | os.PathLike | TargetSpec | Mapping[str, Any]) -> TargetSpec:
+    """A board name, a YAML path, a TVM tag, a JSON target or a TVM target dict, as a :class:`TargetSpec`.
 
     Raises :class:`TargetError` (listing the known boards) when ``what`` is none of these, and when the YAML or
     JSON is malformed or TVM refuses the target.
     """
     if isinstance(what, TargetSpec):
         return what
+    if isinstance(what, Mapping):
+        return _from_config("custom", "target given as a dict", dict(what), source="dict")
     text = os.fspath(what).strip()
     if not text:
         raise TargetError(f"empty target; known boards: {', '.join(list_targets())}")
@@ -209,6 +224,8 @@ def as_tvm_target(target):
 
     if isinstance(target, tvm.target.Target):
         return target
+    if isinstance(target, TargetSpec):
+        return target.tvm_target()
     if isinstance(target, dict):
         return tvm.target.Target(target)
     try:

@@ -337,3 +337,23 @@ def test_one_coercion_to_a_tvm_target_for_boards_dicts_and_tvm_strings():
     assert str(as_tvm_target("llvm")) == str(tvm.target.Target({"kind": "llvm"}))
     with pytest.raises(TargetError, match="known boards: .*rasp4"):
         as_tvm_target("rasp44")
+
+
+def test_a_spec_parses_and_makes_its_tvm_target_once() -> None:
+    import edgeq.targets as targets
+
+    made = targets.TVM_TARGETS_MADE
+    spec = targets.load_target("rasp4")   # validating the board makes its Target once
+    assert spec.target is spec.target and spec.host is spec.host
+    first = spec.tvm_target()
+    assert spec.tvm_target() is first and targets.as_tvm_target(spec) is first
+    assert targets.TVM_TARGETS_MADE == made + 1
+    assert first.attrs["mcpu"] == "cortex-a72"
+
+
+def test_load_target_takes_a_tvm_target_dict() -> None:
+    from edgeq.targets import load_target
+
+    spec = load_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53"})
+    assert spec.source == "dict" and spec.arch == "aarch64" and spec.target["mcpu"] == "cortex-a53"
+    assert load_target(spec.target).target_json == spec.target_json
