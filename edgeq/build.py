@@ -5,6 +5,11 @@ Stages, each a plain function of the one before::
     calibrate -> (plan) -> quantize -> export ONNX -> import to Relax -> integer lowering
               -> compile for the target (model.so) and for this host (host.so) -> golden batch -> accuracies
 
+in three steps: :func:`prepare_build` resolves and checks everything that can fail early (target, toolchain,
+plan, model, evaluation data), :func:`compile_artifact` writes every file and returns the
+:class:`edgeq.artifact.Manifest` that describes them, :func:`write_artifact_manifest` hashes the files into it and
+seals it.
+
 The integer program is built twice, once per target: the kernels' micro-kernels differ between x86 and ARM,
 their integer results do not, so the host library's outputs are the exact reference a board must reproduce.
 
