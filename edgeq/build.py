@@ -5,6 +5,11 @@ Stages, each a plain function of the one before::
     calibrate -> (plan) -> quantize -> export ONNX -> import to Relax -> integer lowering
               -> compile for the target (model.so) and for this host (host.so) -> golden batch -> accuracies
 
+in three steps: :func:`prepare_build` resolves and checks everything that can fail early (target, toolchain,
+plan, model, evaluation data), :func:`compile_artifact` writes every file and returns the
+:class:`edgeq.artifact.Manifest` that describes them, :func:`write_artifact_manifest` hashes the files into it and
+seals it.
+
 The integer program is built twice, once per target: the kernels' micro-kernels differ between x86 and ARM,
 their integer results do not, so the host library's outputs are the exact reference a board must reproduce.
 
@@ -20,7 +25,7 @@ import os
 import platform
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -155,7 +160,7 @@ def is_reference(name: str) -> bool:
     return name in REFERENCE_MODELS
 
 
-def calibration_images(config: BuildConfig, model) -> tuple[Optional[Any], dict[str, Any]]:
+def calibration_images(config: BuildConfig, model) -> tuple[Optional[Any], A.Calibration]:
     """Calibration images (None: synthesized by the quantizer) and the manifest's ``calibration`` entry."""
     from edgeq.data import data_config
     from edgeq.data.calibration import load_calibration, resolve_recipe
@@ -164,15 +169,15 @@ def calibration_images(config: BuildConfig, model) -> tuple[Optional[Any], dict[
     if spec is None and is_reference(config.model):
         spec = str(REFERENCE_CALIBRATION)
     if spec is None:
-        return None, {"source": "synthetic", "sha256": None, "images": None, "seed": None}
+        return None, A.Calibration(source="synthetic")
     calibration = load_calibration(resolve_recipe(spec, count=config.calib_count, seed=config.calib_seed),
                                    data_config(model))
     recipe = calibration.recipe
     if spec == str(REFERENCE_CALIBRATION):
         spec = str(REFERENCE_CALIBRATION.relative_to(_REPO))  # the same recipe in every checkout
     source = recipe.data if spec == recipe.data else f"{spec} ({recipe.data})"
-    return calibration.images, {"source": source, "sha256": calibration.digest,
-                                "images": int(calibration.images.shape[0]), "seed": recipe.seed}
+    return calibration.images, A.Calibration(source=source, sha256=calibration.digest,
+                                             images=int(calibration.images.shape[0]), seed=recipe.seed)
 
 
 def eval_set(config: BuildConfig, model):
@@ -206,44 +211,43 @@ def quantize_model(config: BuildConfig, model, plan, images, progress: Optional[
                         progress=lambda done, total, _what: _say(progress, "quantizing", done, total))
 
 
-def _reconstruction_entry(qmodel) -> Optional[dict[str, Any]]:
+def _reconstruction_entry(qmodel) -> Optional[A.Reconstruction]:
     """The manifest's ``reconstruction``: how the rounding and steps were learned (None: calibration only)."""
     record = (qmodel.metadata.get("reconstruction") if qmodel is not None else None) or None
     if record is None:
         return None
-    return {k: record[k] for k in ("method", "iters", "batch_size", "drop_prob", "seed", "images", "seconds")}
+    return A.Reconstruction.from_json(record)
 
 
-def weight_layout(qmodel, constants: dict[str, np.ndarray]) -> dict[str, Any]:
+def weight_layout(qmodel, constants: dict[str, np.ndarray]) -> A.Weights:
     """The manifest's ``weights`` entry: bytes stored per layer against params x bits / 8 plus scales."""
-    by_layer: dict[str, dict[str, Any]] = {}
+    layers: dict[str, tuple[int, int, int]] = {}  # layer -> (w_bits, params, output channels)
     for name, module in qmodel.layers.items():
         spec = qmodel.metadata["layers"][name]
         if spec.get("w_bits") is None or not hasattr(module, "weight_int"):
             continue
-        weight = module.weight_int
-        params = int(weight.numel())
-        by_layer[name] = {
-            "w": int(spec["w_bits"]), "stored_bits": storage_bits(int(spec["w_bits"])), "params": params, "bytes": 0,
-            "expected_bytes": -(-params * int(spec["w_bits"]) // 8) + int(weight.shape[0]) * CHANNEL_OVERHEAD_BYTES,
-        }
+        layers[name] = (int(spec["w_bits"]), int(module.weight_int.numel()), int(module.weight_int.shape[0]))
+    stored = dict.fromkeys(layers, 0)
     other = 0
     # keys are "<layer>.<param>": give each to the longest layer name it starts with
-    names = sorted(by_layer, key=len, reverse=True)
+    names = sorted(layers, key=len, reverse=True)
     for key, array in constants.items():
         owner = next((n for n in names if key.startswith(n + ".")), None)
         if owner is None:
             other += int(array.nbytes)
         else:
-            by_layer[owner]["bytes"] += int(array.nbytes)
-    total = sum(e["bytes"] for e in by_layer.values()) + other
-    return {"bytes": total, "expected_bytes": sum(e["expected_bytes"] for e in by_layer.values()),
-            "params": sum(e["params"] for e in by_layer.values()), "other_bytes": other, "by_layer": by_layer}
+            stored[owner] += int(array.nbytes)
+    by_layer = {name: A.LayerWeights(w=w, stored_bits=storage_bits(w), params=params, bytes=stored[name],
+                                     expected_bytes=-(-params * w // 8) + channels * CHANNEL_OVERHEAD_BYTES)
+                for name, (w, params, channels) in layers.items()}
+    return A.Weights(bytes=sum(stored.values()) + other,
+                     expected_bytes=sum(e.expected_bytes for e in by_layer.values()),
+                     params=sum(e.params for e in by_layer.values()), other_bytes=other, by_layer=by_layer)
 
 
-def float_weight_layout(model) -> dict[str, Any]:
+def float_weight_layout(model) -> A.Weights:
     params = sum(int(p.numel()) for p in model.parameters())
-    return {"bytes": params * 4, "expected_bytes": params * 4, "params": params, "other_bytes": 0, "by_layer": {}}
+    return A.Weights(bytes=params * 4, expected_bytes=params * 4, params=params, other_bytes=0, by_layer={})
 
 
 def save_weights(path: Path, constants: dict[str, np.ndarray], precision: str) -> None:
@@ -299,27 +303,6 @@ def tuning_entry(config: BuildConfig, tuned: list[str]) -> Optional[dict[str, An
             "applied": sorted(set(tuned))}
 
 
-class HostRunner:
-    """Runs a library built for this machine: ``runner(images) -> logits`` one image at a time (batch 1)."""
-
-    def __init__(self, library: Path):
-        os.environ.setdefault("TVM_BIND_THREADS", "0")  # pinned workers fight the other processes on this host
-        import tvm
-        from tvm import relax
-
-        self._tvm = tvm
-        self._lib = tvm.runtime.load_module(str(library))
-        self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
-        self._main = self._vm["main"]
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        outs = []
-        for image in np.asarray(images, dtype=np.float32):
-            out = self._main(self._tvm.runtime.tensor(np.ascontiguousarray(image[None])))
-            outs.append(out.numpy())
-        return np.concatenate(outs).astype(np.float32)
-
-
 def _torch_logits(model, images, batch_size: int = 100) -> np.ndarray:
     import torch
 
@@ -328,7 +311,9 @@ def _torch_logits(model, images, batch_size: int = 100) -> np.ndarray:
         return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
 
 
-def accuracies(float_model, qmodel, runner: HostRunner, evaluation, progress: Optional[Progress]) -> dict[str, Any]:
+def accuracies(float_model, qmodel, runner, evaluation, progress: Optional[Progress]) -> A.Accuracy:
+    """Top-1 of the float and fake-quant PyTorch models and of ``runner`` (the compiled library) on the
+    evaluation images."""
     images, labels, data = evaluation
     labels = labels.numpy()
     _say(progress, "accuracy: PyTorch")
@@ -340,10 +325,9 @@ def accuracies(float_model, qmodel, runner: HostRunner, evaluation, progress: Op
         _say(progress, "accuracy: compiled", min(i + 25, len(images)), len(images))
     compiled = np.concatenate(compiled)
     pct = lambda hits: round(100.0 * float(np.mean(hits)), 3)  # noqa: E731
-    return {"data": data, "images": int(len(labels)), "fp_top1": pct(fp == labels),
-            "quant_top1": pct(fake == labels) if qmodel is not None else None,
-            "compiled_top1": pct(compiled == labels),
-            "agreement_compiled_vs_fakequant": pct(compiled == fake)}
+    return A.Accuracy(data=data, images=int(len(labels)), fp_top1=pct(fp == labels),
+                      quant_top1=pct(fake == labels) if qmodel is not None else None,
+                      compiled_top1=pct(compiled == labels), agreement_compiled_vs_fakequant=pct(compiled == fake))
 
 
 def versions() -> dict[str, str]:
@@ -368,24 +352,24 @@ def weights_digest(config: BuildConfig) -> Optional[str]:
     return A.file_sha256(REFERENCE_MODELS[config.model].weights_path)
 
 
-def model_entry(config: BuildConfig, model) -> dict[str, Any]:
+def model_entry(config: BuildConfig, model) -> A.ModelInfo:
     from edgeq.data import data_config
     from edgeq.evaluate import model_num_classes
 
     data = data_config(model)
-    return {"name": config.model, "checkpoint": str(config.checkpoint) if config.checkpoint else None,
-            "weights_sha256": weights_digest(config),
-            "num_classes": model_num_classes(model), "input_size": list(data["input_size"]),
-            "mean": list(data["mean"]), "std": list(data["std"]), "interpolation": data.get("interpolation"),
-            "crop_pct": data.get("crop_pct"), "crop_mode": data.get("crop_mode")}
+    return A.ModelInfo(name=config.model, checkpoint=str(config.checkpoint) if config.checkpoint else None,
+                       weights_sha256=weights_digest(config), num_classes=model_num_classes(model),
+                       input_size=list(data["input_size"]), mean=list(data["mean"]), std=list(data["std"]),
+                       interpolation=data.get("interpolation"), crop_pct=data.get("crop_pct"),
+                       crop_mode=data.get("crop_mode"))
 
 
-def target_entry(spec, host_spec) -> dict[str, Any]:
+def target_entry(spec, host_spec) -> A.TargetInfo:
     from edgeq.lower.kernels.micro import kernel_family
 
-    return {"name": spec.name, "tvm": spec.target, "host": spec.host, "arch": spec.arch, "rpc_key": spec.rpc_key,
-            "device": spec.device_kind, "reference": host_spec.target if host_spec is not None else spec.target,
-            **kernel_family(spec)}
+    return A.TargetInfo(name=spec.name, tvm=spec.target, host=spec.host, arch=spec.arch, rpc_key=spec.rpc_key,
+                        device=spec.device_kind,
+                        reference=host_spec.target if host_spec is not None else spec.target, **kernel_family(spec))
 
 
 # --- the whole build ---------------------------------------------------------------------------------------------
@@ -405,9 +389,26 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
         return _build_holding_lock(config, out_dir, progress, model)
 
 
-def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[Progress], model) -> Path:
-    from edgeq.bitplan import resolve_plan, write_plan
-    from edgeq.lower.export import export_float_onnx, export_onnx
+@dataclass
+class Prepared:
+    """What a build resolved and checked before any long work: its targets, plan, model and evaluation images."""
+
+    config: BuildConfig
+    spec: Any                  # the target's TargetSpec
+    host_spec: Any             # this host's, when the target is another machine (it compiles the reference)
+    plan: Any                  # the BitPlan; None for float builds
+    model: Any                 # the float model
+    model_info: A.ModelInfo
+    evaluation: Any            # (images, labels, data) or None
+
+    @property
+    def precision(self) -> str:
+        return "int" if self.plan is not None else "float"
+
+
+def prepare_build(config: BuildConfig, progress: Optional[Progress], model=None) -> Prepared:
+    """Resolve the target, plan, model and evaluation data, refusing what cannot be built."""
+    from edgeq.bitplan import resolve_plan
     from edgeq.quant import quantizable_layers
     from edgeq.targets import load_target
 
@@ -417,7 +418,6 @@ def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[P
         host_spec = None  # the target is this machine under another name
     spec.toolchain.resolve()  # a missing cross compiler fails now, not after quantizing
     check_tuning_db(config, spec, host_spec)
-    precision = "float" if config.float_model else "int"
     plan = None if config.float_model else resolve_plan(config.bits, config.plan)
     if plan is not None:
         check_integer_target(spec, plan)
@@ -436,90 +436,15 @@ def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[P
         plan.check_layers(quantizable_layers(model))
     _say(progress, "evaluation data")
     evaluation = eval_set(config, model)  # unreadable data or a class-count mismatch fails before compiling
+    return Prepared(config, spec, host_spec, plan, model, model_info, evaluation)
+
+
+def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[Progress], model) -> Path:
+    prepared = prepare_build(config, progress, model)
     partial = prepare_out_dir(out_dir)
     try:
-        qmodel = images = None
-        calibration: Optional[dict[str, Any]] = None  # float builds are not calibrated
-        onnx_path = partial / A.ONNX
-        input_size = model_info["input_size"]
-        if precision == "int":
-            _say(progress, "calibration data")
-            images, calibration = calibration_images(config, model)
-            qmodel = quantize_model(config, model, plan, images, progress)
-            _say(progress, "exporting ONNX")
-            export_onnx(qmodel, onnx_path, batch=1)  # 4-bit weights as opset-21 INT4 (import widens them)
-            write_plan(plan, partial / A.PLAN)
-        else:
-            _say(progress, "exporting ONNX")
-            export_float_onnx(model, onnx_path, input_size=input_size)
-
-        _say(progress, f"lowering for {spec.name}")
-        mod = lower(onnx_path, spec, precision)
-        _say(progress, f"compiling for {spec.name}")
-        tuned: list[str] = []
-        compile_library(mod, spec, partial / A.LIBRARY, tuning_db=config.tuning_db, tuned=tuned)
-        if precision == "int":
-            from edgeq.lower.integer import kernel_constants
-
-            constants = kernel_constants(mod)
-            weights = weight_layout(qmodel, constants)
-        else:
-            constants = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-            weights = float_weight_layout(model)
-        save_weights(partial / A.WEIGHTS, constants, precision)
-        del mod
-        reference_lib = partial / A.LIBRARY
-        if host_spec is not None:
-            _say(progress, "lowering for host")
-            host_mod = lower(onnx_path, host_spec, precision)
-            _say(progress, "compiling for host")
-            reference_lib = compile_library(host_mod, host_spec, partial / A.HOST_LIBRARY,
-                                            tuning_db=config.tuning_db)
-            del host_mod
-        runner = HostRunner(reference_lib)
-
-        _say(progress, "golden batch")
-        if evaluation is not None:
-            golden_inputs = evaluation[0][:config.golden_count].numpy()
-        elif images is not None:
-            golden_inputs = images[:config.golden_count].numpy()
-        else:
-            import torch
-
-            golden_inputs = torch.randn(config.golden_count, *input_size,
-                                        generator=torch.Generator().manual_seed(0)).numpy()
-        golden_inputs = np.ascontiguousarray(golden_inputs, dtype=np.float32)
-        np.savez(partial / A.GOLDEN, inputs=golden_inputs, outputs=runner(golden_inputs))
-        golden = {"file": A.GOLDEN, "count": int(len(golden_inputs)), "exact": precision == "int"}
-        if precision == "float":
-            golden["atol"] = FLOAT_ATOL
-
-        accuracy = accuracies(model, qmodel, runner, evaluation, progress) if evaluation is not None else None
-
-        for file in partial.iterdir():  # some writers create 0600 files; an artifact is meant to be shared
-            file.chmod(0o755 if file.suffix == ".so" else 0o644)
-        bits = {"default": plan.default.to_json(),
-                "layers": {name: plan.bits_for(name).to_json() for name in quantizable_layers(model)}} \
-            if plan is not None else {"default": {"w": 32, "a": 32}, "layers": {}}
-        manifest = {
-            "format": A.FORMAT, "version": A.VERSION, "name": out_dir.name,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "precision": precision, "entry": "main", "batch": 1,
-            "model": model_info,
-            "target": target_entry(spec, host_spec),
-            "bits": bits,
-            "method": config.method if precision == "int" else None,
-            "reconstruction": _reconstruction_entry(qmodel),
-            "files": A.describe_files(partial, [p.name for p in partial.iterdir() if p.name != A.MANIFEST]),
-            "calibration": calibration,
-            "accuracy": accuracy,
-            "golden": golden,
-            "weights": weights,
-            "versions": versions(),
-            "tuning": tuning_entry(config, tuned),
-        }
-        A.write_manifest(partial, manifest)
-        A.load_artifact(partial)  # what every later command will do: fail here rather than there
+        manifest = compile_artifact(prepared, partial, out_dir.name, progress)
+        write_artifact_manifest(partial, manifest)
         _say(progress, "done")
         return publish(partial, out_dir)
     except BaseException:
@@ -528,6 +453,96 @@ def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[P
         raise
 
 
-def weight_bytes_within_tolerance(weights: dict[str, Any]) -> bool:
-    expected = weights.get("expected_bytes") or 0
-    return expected > 0 and abs(weights["bytes"] - expected) <= WEIGHT_BYTES_TOLERANCE * expected
+def compile_artifact(prepared: Prepared, folder: Path, name: str, progress: Optional[Progress]) -> A.Manifest:
+    """Quantize, export, lower and compile into ``folder`` every file of the artifact but its manifest, and return
+    the manifest that describes them (its ``files`` still empty: :func:`write_artifact_manifest` fills them)."""
+    from edgeq.bitplan import write_plan
+    from edgeq.lower.export import export_float_onnx, export_onnx
+    from edgeq.quant import quantizable_layers
+    from edgeq.runtime import HostModel
+
+    config, spec, host_spec, plan, model = (prepared.config, prepared.spec, prepared.host_spec, prepared.plan,
+                                            prepared.model)
+    precision, evaluation = prepared.precision, prepared.evaluation
+    qmodel = images = None
+    calibration: Optional[A.Calibration] = None  # float builds are not calibrated
+    onnx_path = folder / A.ONNX
+    input_size = prepared.model_info.input_size
+    if precision == "int":
+        _say(progress, "calibration data")
+        images, calibration = calibration_images(config, model)
+        qmodel = quantize_model(config, model, plan, images, progress)
+        _say(progress, "exporting ONNX")
+        export_onnx(qmodel, onnx_path, batch=1)  # 4-bit weights as opset-21 INT4 (import widens them)
+        write_plan(plan, folder / A.PLAN)
+    else:
+        _say(progress, "exporting ONNX")
+        export_float_onnx(model, onnx_path, input_size=input_size)
+
+    _say(progress, f"lowering for {spec.name}")
+    mod = lower(onnx_path, spec, precision)
+    _say(progress, f"compiling for {spec.name}")
+    tuned: list[str] = []
+    compile_library(mod, spec, folder / A.LIBRARY, tuning_db=config.tuning_db, tuned=tuned)
+    if precision == "int":
+        from edgeq.lower.integer import kernel_constants
+
+        constants = kernel_constants(mod)
+        weights = weight_layout(qmodel, constants)
+    else:
+        constants = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+        weights = float_weight_layout(model)
+    save_weights(folder / A.WEIGHTS, constants, precision)
+    del mod
+    reference_lib = folder / A.LIBRARY
+    if host_spec is not None:
+        _say(progress, "lowering for host")
+        host_mod = lower(onnx_path, host_spec, precision)
+        _say(progress, "compiling for host")
+        reference_lib = compile_library(host_mod, host_spec, folder / A.HOST_LIBRARY, tuning_db=config.tuning_db)
+        del host_mod
+    runner = HostModel(reference_lib)
+
+    _say(progress, "golden batch")
+    if evaluation is not None:
+        golden_inputs = evaluation[0][:config.golden_count].numpy()
+    elif images is not None:
+        golden_inputs = images[:config.golden_count].numpy()
+    else:
+        import torch
+
+        golden_inputs = torch.randn(config.golden_count, *input_size,
+                                    generator=torch.Generator().manual_seed(0)).numpy()
+    golden_inputs = np.ascontiguousarray(golden_inputs, dtype=np.float32)
+    np.savez(folder / A.GOLDEN, inputs=golden_inputs, outputs=runner(golden_inputs))
+    golden = A.Golden(file=A.GOLDEN, count=int(len(golden_inputs)), exact=precision == "int",
+                      atol=FLOAT_ATOL if precision == "float" else None)
+
+    accuracy = accuracies(model, qmodel, runner, evaluation, progress) if evaluation is not None else None
+    bits = A.Bits(default=plan.default.to_json(),
+                  layers={layer: plan.bits_for(layer).to_json() for layer in quantizable_layers(model)}) \
+        if plan is not None else A.Bits(default={"w": 32, "a": 32}, layers={})
+    tuning = tuning_entry(config, tuned)
+    return A.Manifest(
+        name=name, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        precision=precision, entry="main", batch=1, model=prepared.model_info, target=target_entry(spec, host_spec),
+        bits=bits, method=config.method if precision == "int" else None,
+        reconstruction=_reconstruction_entry(qmodel), calibration=calibration, accuracy=accuracy, golden=golden,
+        weights=weights, versions=versions(), tuning=A.Tuning.from_json(tuning) if tuning is not None else None,
+    )
+
+
+def write_artifact_manifest(folder: Path, manifest: A.Manifest) -> A.Manifest:
+    """Describe every file in ``folder`` in ``manifest``, seal it as ``folder/manifest.json`` and check the
+    artifact loads as every later command will load it; the manifest written."""
+    for file in folder.iterdir():  # some writers create 0600 files; an artifact is meant to be shared
+        file.chmod(0o755 if file.suffix == ".so" else 0o644)
+    files = A.describe_files(folder, [p.name for p in folder.iterdir() if p.name != A.MANIFEST])
+    manifest = replace(manifest, files={n: A.FileEntry.from_json(e) for n, e in files.items()})
+    A.write_manifest(folder, manifest)
+    return A.load_artifact(folder).manifest  # fail here rather than in a later command
+
+
+def weight_bytes_within_tolerance(weights: A.Weights) -> bool:
+    expected = weights.expected_bytes or 0
+    return expected > 0 and abs(weights.bytes - expected) <= WEIGHT_BYTES_TOLERANCE * expected

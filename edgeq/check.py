@@ -15,33 +15,24 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from edgeq.artifact import Artifact, load_artifact
-from edgeq.deploy import (
-    HostModel, RemoteModel, board_info_json, check_board_matches, describe_session, open_board, outputs_agree,
-)
 from edgeq.errors import ClassCountError
 from edgeq.remote.session import BoardSession
+from edgeq.runtime import (
+    HostModel, RemoteModel, batches, board_info_json, check_board_matches, describe_session, max_abs_diff,
+    open_board, outputs_agree,
+)
 
 Progress = Callable[[int, int], None]
 #: mismatching images listed in a report
 MAX_LISTED = 10
 
 
-def artifact_data_config(artifact: Artifact) -> dict[str, Any]:
-    """timm's eval preprocessing settings recorded in the manifest (the model's data config at build time)."""
-    model = artifact.manifest["model"]
-    config = {"input_size": tuple(model["input_size"]), "mean": tuple(model["mean"]), "std": tuple(model["std"]),
-              "interpolation": model.get("interpolation", "bicubic"), "crop_pct": model.get("crop_pct", 1.0)}
-    if model.get("crop_mode"):
-        config["crop_mode"] = model["crop_mode"]
-    return config
-
-
 def load_images(artifact: Artifact, data, limit: int | None, seed: int = 0):
     """``(dataset, indices)``: the data set preprocessed for the artifact and a balanced subset of ``limit``."""
     from edgeq.data import balanced_indices, load_image_folder
 
-    dataset = load_image_folder(data, artifact_data_config(artifact))
-    classes = artifact.manifest["model"].get("num_classes")
+    dataset = load_image_folder(data, artifact.manifest.model.data_config())
+    classes = artifact.manifest.model.num_classes
     if classes is not None and int(classes) != len(dataset.classes):
         raise ClassCountError(
             f"data at {dataset.root} has {len(dataset.classes)} classes but {artifact.dir} has {classes} outputs"
@@ -52,8 +43,7 @@ def load_images(artifact: Artifact, data, limit: int | None, seed: int = 0):
 
 def image_batches(dataset, indices: list[int], batch: int):
     """``(indices, images float32 [batch,3,H,W], labels)`` streamed from disk; a ragged tail is left out."""
-    for start in range(0, len(indices) - batch + 1, batch):
-        chosen = indices[start:start + batch]
+    for _, chosen in batches(indices, batch):
         items = [dataset[i] for i in chosen]
         images = np.stack([np.asarray(image, dtype="float32") for image, _ in items])
         yield chosen, images, np.array([label for _, label in items])
@@ -123,10 +113,8 @@ def check_on_board(
     check_board_matches(artifact, session.info(), session.address.describe())
     dataset, indices = load_images(artifact, data, limit, seed=seed)
     remote = model or RemoteModel(session, artifact)
-    host = HostModel(artifact)
-    exact = artifact.exact
-    atol = float(artifact.manifest["golden"].get("atol", 0.0) or 0.0)
-    batch = int(artifact.manifest.get("batch", 1))
+    host = HostModel.of(artifact)
+    exact, atol, batch = artifact.exact, artifact.manifest.atol, artifact.manifest.batch
     seen = device_correct = host_correct = same_class = agree = 0
     worst = 0.0
     device_seconds = 0.0
@@ -138,7 +126,7 @@ def check_on_board(
         want = host(images)
         for row, index in enumerate(chosen):
             g, w = got[row], want[row]
-            diff = float(np.abs(g.astype("float64") - w).max())
+            diff = max_abs_diff(g, w)
             worst = max(worst, diff)
             device_correct += int(g.argmax() == labels[row])
             host_correct += int(w.argmax() == labels[row])
@@ -156,7 +144,7 @@ def check_on_board(
     info = session.info()
     return CheckResult(
         artifact=str(artifact.dir), name=artifact.name, precision=artifact.precision,
-        target=str(artifact.target.get("name")), board=describe_session(session), board_info=board_info_json(info),
+        target=str(artifact.target.name), board=describe_session(session), board_info=board_info_json(info),
         emulated=info.emulated, data=str(data), images=seen, device_top1=percent(device_correct),
         host_top1=percent(host_correct), top1_agreement=percent(same_class), exact=exact, atol=atol,
         outputs_agree=agree, max_abs_diff=worst, mismatches=mismatches, seconds=round(time.monotonic() - started, 2),

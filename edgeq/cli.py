@@ -378,14 +378,14 @@ def build_command(model_name, checkpoint, random_init, calib, calib_count, calib
     with stage_progress() as progress:
         path = build_artifact(config, out, progress=progress)
     manifest = load_artifact(path, verify=False).manifest
-    accuracy = manifest.get("accuracy") or {}
-    summary = f"{manifest['precision']}, {manifest['weights']['bytes']:,} weight bytes"
-    if accuracy:
-        summary += (f"; top-1 on {accuracy['images']} images: float {accuracy['fp_top1']:.2f} %, compiled "
-                    f"{accuracy['compiled_top1']:.2f} %")
-    if manifest.get("tuning"):
-        summary += f"; tuned schedules for {len(manifest['tuning']['applied'])} PrimFunc(s)"
-    click.echo(f"built {model_name} for {manifest['target']['name']} → {path} ({summary})")
+    accuracy = manifest.accuracy
+    summary = f"{manifest.precision}, {manifest.weights.bytes:,} weight bytes"
+    if accuracy is not None:
+        summary += (f"; top-1 on {accuracy.images} images: float {accuracy.fp_top1:.2f} %, compiled "
+                    f"{accuracy.compiled_top1:.2f} %")
+    if manifest.tuning is not None:
+        summary += f"; tuned schedules for {len(manifest.tuning.applied)} PrimFunc(s)"
+    click.echo(f"built {model_name} for {manifest.target.name} → {path} ({summary})")
 
 
 @contextmanager
@@ -428,7 +428,7 @@ def inspect_command(artifact: Path, as_json: bool, no_verify: bool) -> None:
 
     loaded = load_artifact(artifact, verify=not no_verify)
     if as_json:
-        click.echo(json.dumps(loaded.manifest, indent=2))
+        click.echo(json.dumps(loaded.manifest.to_json(), indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -614,7 +614,7 @@ def profile_command(target, plans, more_plans, model_name, checkpoint, random_in
     check_outputs(("--latency-table", latency_table))
     check_output_path(out, "--out", directory=True)
     if rpc is None and rpc_tracker is None:
-        from edgeq.deploy import started_board_address
+        from edgeq.runtime import started_board_address
 
         rpc = started_board_address()
     build = BuildConfig(target=target, model=model_name, checkpoint=str(checkpoint) if checkpoint else None,
@@ -642,17 +642,9 @@ def tune_command(source: Path, target: str | None, trials: int, out: Path | None
 
     Candidates run on this machine for the host target, on the board given by --rpc/--rpc-tracker otherwise;
     rebuild with `edgeq build --tuning-db DIR` to use the database."""
-    from edgeq.tune import default_database, tune_onnx
+    from edgeq.tune import default_database, tune_onnx, tune_source
 
-    integer = False
-    onnx_path = source
-    if source.is_dir():
-        from edgeq.artifact import load_artifact
-
-        onnx_path = source / "model.onnx"
-        manifest = load_artifact(source, verify=False).manifest
-        integer = manifest.get("precision") == "int"
-        target = target or (manifest.get("target") or {}).get("name")
+    onnx_path, target, integer = tune_source(source, target)
     if not target:
         raise click.UsageError("--target is needed to tune an ONNX file")
     database = out or default_database(source)

@@ -5,106 +5,20 @@ compares the board's architecture with the artifact's target, uploads ``model.so
 board, runs the golden inputs and compares the outputs with the expected ones: bit for bit for integer builds,
 within the manifest's ``atol`` for float builds.
 
-:class:`RemoteModel` (the library running on a board) and :class:`HostModel` (the reference library running
-here) share one calling convention, ``model(x) -> logits`` on numpy arrays, so ``check`` and ``profile`` can
-compare them image by image.
+The board runs the library through :class:`edgeq.runtime.RemoteModel`.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-import numpy as np
-
 from edgeq.artifact import Artifact, load_artifact
-from edgeq.errors import ArtifactTargetMismatchError, TargetError
-from edgeq.remote.background import list_boards
-from edgeq.remote.session import BoardInfo, BoardSession, connect
-from edgeq.targets import TargetSpec, list_targets, load_target
-
-
-def artifact_target(artifact: Artifact) -> TargetSpec:
-    """The target the artifact was built for: its board file when edgeq knows the name, else its TVM JSON."""
-    target = artifact.target
-    name = str(target.get("name") or "")
-    if name in list_targets():
-        return load_target(name)
-    tvm_json = dict(target.get("tvm") or {})
-    if target.get("host"):
-        tvm_json["host"] = target["host"]
-    try:
-        return load_target(json.dumps(tvm_json))
-    except TargetError as err:
-        raise TargetError(f"artifact {artifact.dir} names target {name!r} that this edgeq cannot resolve: {err}") from None
-
-
-def check_board_matches(artifact: Artifact, board: BoardInfo, where: str) -> None:
-    """:class:`ArtifactTargetMismatchError` (72) when the board's architecture is not the artifact's."""
-    wanted = artifact.target.get("arch")
-    if board.arch is not None and wanted and board.arch != wanted:
-        raise ArtifactTargetMismatchError(
-            f"artifact {artifact.dir} is built for {artifact.target.get('name')} ({wanted}), but the board at "
-            f"{where} is {board.describe()}: rebuild with `edgeq build --target` for the board"
-        )
-
-
-class RemoteModel:
-    """The artifact's library loaded in a Relax VM on a board: ``model(x)`` runs the entry function there."""
-
-    def __init__(self, session: BoardSession, artifact: Artifact, spec: TargetSpec | None = None):
-        self.session = session
-        self.artifact = artifact
-        self.spec = spec or artifact_target(artifact)
-        self.entry = str(artifact.manifest.get("entry", "main"))
-        self.device_kind = self.spec.device_kind
-        started = time.monotonic()
-        self.module = session.load_module(artifact.library, target=self.spec)
-        self.load_seconds = time.monotonic() - started
-        self.vm = session.vm(self.module, self.device_kind)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run(self.vm, self.entry, self.session.tensor(np.ascontiguousarray(x, "float32"),
-                                                                        self.device_kind))
-        with self.session.remote_step("copying the output back"):
-            return out.numpy()
-
-    def time(self, x: np.ndarray, *, number: int = 1, repeat: int = 10, min_repeat_ms: int = 0) -> list[float]:
-        """Seconds per call on the board (time_evaluator: one discarded warm-up call, then ``repeat`` values)."""
-        arg = self.session.tensor(np.ascontiguousarray(x, "float32"), self.device_kind)
-        return self.session.time(self.vm, self.entry, arg, device=self.device_kind, number=number, repeat=repeat,
-                                 min_repeat_ms=min_repeat_ms)
-
-
-class HostModel:
-    """The artifact's reference library (``host.so``, or ``model.so`` for host builds) run on this machine."""
-
-    def __init__(self, artifact: Artifact):
-        import tvm
-        from tvm import relax
-
-        self.entry = str(artifact.manifest.get("entry", "main"))
-        self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact.host_library)), self.device)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        import tvm
-
-        return self.vm[self.entry](tvm.runtime.tensor(np.ascontiguousarray(x, "float32"), self.device)).numpy()
-
-
-def batches(inputs: np.ndarray, batch: int):
-    """Consecutive slices of ``batch`` rows (the library's fixed batch size); a ragged tail is left out."""
-    for start in range(0, len(inputs) - batch + 1, batch):
-        yield start, inputs[start:start + batch]
-
-
-def outputs_agree(got: np.ndarray, expected: np.ndarray, exact: bool, atol: float) -> bool:
-    if got.shape != expected.shape:
-        return False
-    return bool(np.array_equal(got, expected)) if exact else bool(np.allclose(got, expected, rtol=0.0, atol=atol))
+from edgeq.remote.session import BoardSession
+from edgeq.runtime import (
+    RemoteModel, batches, board_info_json, check_board_matches, describe_session, max_abs_diff, open_board,
+    outputs_agree,
+)
 
 
 @dataclass
@@ -152,43 +66,6 @@ class DeployResult:
         return "\n".join(lines)
 
 
-def board_info_json(info: BoardInfo) -> dict[str, Any]:
-    return {"arch": info.arch, "bits": info.bits, "cpu": info.cpu, "num_threads": info.num_threads,
-            "emulated": info.emulated, "method": info.method, "describe": info.describe()}
-
-
-def describe_session(session: BoardSession) -> str:
-    if session.address.via_tracker:
-        return f"board {session.server[0]}:{session.server[1]} via {session.address.describe()}"
-    return session.address.describe()
-
-
-def started_board_address(env: Mapping[str, str] | None = None) -> str | None:
-    """With no address given and no tracker in the environment, the one board ``edgeq board start`` left running
-    here is the natural target (so the README's main job needs no port juggling); with none or several, None."""
-    environ = os.environ if env is None else env
-    if environ.get("TVM_TRACKER_HOST"):
-        return None
-    running = [board for board in list_boards() if board.alive()]
-    return running[0].address if len(running) == 1 else None
-
-
-def open_board(artifact: Artifact, *, rpc: str | None = None, tracker: str | None = None, key: str | None = None,
-               env: Mapping[str, str] | None = None, timeout: float | None = None) -> BoardSession:
-    """A session with the board for ``artifact`` (the tracker key defaults to the artifact target's RPC key),
-    refused with :class:`ArtifactTargetMismatchError` when the board has another architecture."""
-    if rpc is None and tracker is None:
-        rpc = started_board_address(env)
-    session = connect(rpc, tracker, key, default_key=artifact.target.get("rpc_key") or None, env=env,
-                      timeout=timeout)
-    try:
-        check_board_matches(artifact, session.info(), session.address.describe())
-    except BaseException:
-        session.close()
-        raise
-    return session
-
-
 def deploy_artifact(
     path, *, rpc: str | None = None, tracker: str | None = None, key: str | None = None,
     env: Mapping[str, str] | None = None, session: BoardSession | None = None, model: "RemoteModel | None" = None,
@@ -207,9 +84,7 @@ def deploy_artifact(
         model = model or RemoteModel(session, artifact)
         upload_load = model.load_seconds
         inputs, expected = artifact.golden()
-        exact = artifact.exact
-        atol = float(artifact.manifest["golden"].get("atol", 0.0) or 0.0)
-        batch = int(artifact.manifest.get("batch", 1))
+        exact, atol, batch = artifact.exact, artifact.manifest.atol, artifact.manifest.batch
         matched = count = 0
         worst = 0.0
         mismatches: list[dict[str, Any]] = []
@@ -219,7 +94,7 @@ def deploy_artifact(
             got = model(x)
             run_seconds += time.monotonic() - began
             want = expected[start:start + batch]
-            diff = float(np.abs(got.astype("float64") - want).max()) if got.shape == want.shape else float("inf")
+            diff = max_abs_diff(got, want)
             worst = max(worst, diff)
             count += len(x)
             if outputs_agree(got, want, exact, atol):
@@ -230,7 +105,7 @@ def deploy_artifact(
                                    "expected_top1": int(want.reshape(len(x), -1)[0].argmax())})
         return DeployResult(
             artifact=str(artifact.dir), name=artifact.name, precision=artifact.precision,
-            target=str(artifact.target.get("name")), board=describe_session(session),
+            target=str(artifact.target.name), board=describe_session(session),
             board_info=board_info_json(info), emulated=info.emulated, exact=exact, atol=atol,
             golden_count=count, matched=matched, max_abs_diff=worst, mismatches=mismatches,
             upload_load_seconds=upload_load, run_seconds_per_batch=run_seconds / max(1, count // batch),

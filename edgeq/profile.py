@@ -168,17 +168,21 @@ class ResultsBook:
 # Measuring one artifact on one board
 
 
-def measure_artifact(artifact_dir: Path, session, config: ProfileConfig) -> dict[str, Any]:
-    """Deploy (golden batch), time and check one artifact on an open session; the row's measured fields."""
-    from edgeq.artifact import load_artifact
+def measure_artifact(artifact, session, config: ProfileConfig) -> dict[str, Any]:
+    """Deploy (golden batch), time and check one artifact (an :class:`edgeq.artifact.Artifact` or its directory)
+    on an open session; the row's measured fields."""
+    from edgeq.artifact import Accuracy, Artifact, load_artifact
     from edgeq.check import check_on_board
-    from edgeq.deploy import RemoteModel, board_info_json, deploy_artifact, describe_session
+    from edgeq.deploy import deploy_artifact
+    from edgeq.runtime import RemoteModel, board_info_json, describe_session
 
-    artifact = load_artifact(artifact_dir)
+    if not isinstance(artifact, Artifact):
+        artifact = load_artifact(artifact)
     model = RemoteModel(session, artifact)
     deployed = deploy_artifact(artifact, session=session, model=model)
     inputs, _ = artifact.golden()
-    x = inputs[: int(artifact.manifest.get("batch", 1))]
+    manifest = artifact.manifest
+    x = inputs[:manifest.batch]
     for _ in range(max(0, config.warmup)):
         model(x)
     seconds = model.time(x, number=1, repeat=config.repeat, min_repeat_ms=config.min_repeat_ms)
@@ -196,7 +200,7 @@ def measure_artifact(artifact_dir: Path, session, config: ProfileConfig) -> dict
         "golden_ok": deployed.ok,
         "board": describe_session(session),
         "board_info": board_info_json(info),
-        "weight_bytes": int((artifact.manifest.get("weights") or {}).get("bytes") or 0),
+        "weight_bytes": int(manifest.weights.bytes or 0) if manifest.weights is not None else 0,
     }
     if config.data:
         checked = check_on_board(artifact, session, config.data, config.limit, model=model)
@@ -204,9 +208,9 @@ def measure_artifact(artifact_dir: Path, session, config: ProfileConfig) -> dict
                    accuracy_source=f"board, {checked.images} images of {config.data}",
                    agreement=checked.to_json()["agreement"], check=checked.to_json())
     else:
-        accuracy = artifact.manifest.get("accuracy") or {}
-        row.update(accuracy_top1=accuracy.get("compiled_top1"), host_top1=accuracy.get("compiled_top1"),
-                   accuracy_source=f"host library at build, {accuracy.get('images')} images of {accuracy.get('data')}",
+        accuracy = manifest.accuracy or Accuracy()
+        row.update(accuracy_top1=accuracy.compiled_top1, host_top1=accuracy.compiled_top1,
+                   accuracy_source=f"host library at build, {accuracy.images} images of {accuracy.data}",
                    agreement="golden " + ("exact" if deployed.ok and deployed.exact else
                                           "ok" if deployed.ok else "mismatch"))
     if config.per_op:
@@ -281,13 +285,10 @@ def build_plan(job: PlanJob, config: ProfileConfig, out: Path, log: Log) -> Path
     return folder
 
 
-def _row_base(job: PlanJob, artifact_dir: Path) -> dict[str, Any]:
-    from edgeq.artifact import load_artifact
-
-    manifest = load_artifact(artifact_dir, verify=False).manifest
-    bits, avg_w, avg_a = bits_summary(job.plan_json, (manifest.get("bits") or {}).get("layers"))
-    return {"plan": str(job.path), "plan_hash": job.hash, "name": manifest.get("name"), "bits": bits,
-            "avg_w_bits": avg_w, "avg_a_bits": avg_a, "target": (manifest.get("target") or {}).get("name")}
+def _row_base(job: PlanJob, manifest) -> dict[str, Any]:
+    bits, avg_w, avg_a = bits_summary(job.plan_json, manifest.bits.layers)
+    return {"plan": str(job.path), "plan_hash": job.hash, "name": manifest.name, "bits": bits,
+            "avg_w_bits": avg_w, "avg_a_bits": avg_a, "target": manifest.target.name}
 
 
 @dataclass
@@ -309,6 +310,7 @@ def profile_plans(config: ProfileConfig, log: Log = _quiet) -> ProfileOutcome:
 
 
 def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
+    from edgeq.artifact import load_artifact
     from edgeq.remote.session import connect
     from edgeq.targets import load_target
 
@@ -345,7 +347,8 @@ def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
                     session = connect(config.rpc, config.tracker, config.key, default_key=spec.rpc_key,
                                       env=config.env, timeout=120.0)
                 log(f"{job.path.name}: measuring on {session.server[0]}:{session.server[1]}")
-                row = {**_row_base(job, job.artifact), **measure_artifact(job.artifact, session, config),
+                artifact = load_artifact(job.artifact)
+                row = {**_row_base(job, artifact.manifest), **measure_artifact(artifact, session, config),
                        "measured_at": _now()}
                 book.add(row)
                 log(f"{job.path.name}: {row['latency_median_ms']:.3f} ms median ({row['timing']}), "

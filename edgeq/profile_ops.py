@@ -90,14 +90,14 @@ def primfunc_calls(mod, entry: str = "main") -> list[dict[str, Any]]:
 def scheduled_calls(artifact) -> tuple[Any, list[dict[str, Any]]]:
     """``(scheduled module, primfunc_calls of its entry)`` for an artifact, lowered and scheduled as its build was."""
     from edgeq.build import lower
-    from edgeq.deploy import artifact_target
     from edgeq.lower.pipeline import schedule_relax
+    from edgeq.runtime import artifact_target
 
     spec = artifact_target(artifact)
     mod = lower(artifact.path("model.onnx"), spec, artifact.precision)
     if spec.tvm_target().kind.name == "llvm":
         mod = schedule_relax(mod, spec.tvm_target())
-    return mod, primfunc_calls(mod, str(artifact.manifest.get("entry", "main")))
+    return mod, primfunc_calls(mod, artifact.manifest.entry)
 
 
 def time_calls(mod, calls: list[dict[str, Any]], spec, session, *, repeat: int = 10, seed: int = 0) -> list[float]:
@@ -164,9 +164,9 @@ def time_kernels(artifact, session, *, repeat: int = 10, total_ms: float | None 
                  seed: int = 0) -> dict[str, Any]:
     """Median milliseconds of every PrimFunc call of the artifact's model on the board: integer kernels by layer
     with their bits, glue PrimFuncs by name, and what is left of ``total_ms`` (see module doc)."""
-    from edgeq.deploy import artifact_target
+    from edgeq.runtime import artifact_target
 
     spec = artifact_target(artifact)
     mod, calls = scheduled_calls(artifact)
     times = time_calls(mod, calls, spec, session, repeat=repeat, seed=seed) if calls else []
-    return summarize(calls, times, artifact.manifest.get("bits") or {}, total_ms)
+    return summarize(calls, times, artifact.manifest.bits.to_json(), total_ms)

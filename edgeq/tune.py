@@ -41,7 +41,7 @@ from pathlib import Path
 from edgeq.errors import EdgeqError
 from edgeq.remote.session import RemoteAddress, resolve_address
 
-__all__ = ["TuneResult", "tune_module", "tune_onnx", "tunable_tasks", "default_database"]
+__all__ = ["TuneResult", "tune_module", "tune_onnx", "tune_source", "tunable_tasks", "default_database"]
 
 _BUILD_FUNC = "edgeq.tune.build"
 _EXPORT_FUNC = "edgeq.tune.export"
@@ -64,6 +64,17 @@ class TuneResult:
 def default_database(source: Path) -> Path:
     """``build/NAME.tuning`` for an artifact directory ``build/NAME``, ``m.tuning`` for ``m.onnx``."""
     return source.with_name(source.name.removesuffix(".onnx") + ".tuning")
+
+
+def tune_source(source: Path, target: str | None) -> tuple[Path, str | None, bool]:
+    """``(ONNX file, target, integer)`` for what ``edgeq tune`` is given: an artifact directory (its
+    ``model.onnx``, its target unless ``target`` names one, whether it is an integer build) or an ONNX file."""
+    if not source.is_dir():
+        return source, target, False
+    from edgeq.artifact import ONNX, load_artifact
+
+    manifest = load_artifact(source, verify=False).manifest
+    return source / ONNX, target or manifest.target.name, manifest.precision == "int"
 
 
 def _register_worker_funcs(target: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from edgeq import build as B
 from cli_runner import run_cli
 from edgeq.cli import main
 from edgeq.errors import ArtifactError, BitPlanError
+from edgeq.runtime import HostModel
 
 TINY = "edgeq/vit-tiny-test"
 
@@ -60,34 +62,37 @@ def host_build(tmp_path_factory, tiny_model_name, images):
 def test_host_build_writes_a_verified_integer_artifact(host_build: Path) -> None:
     art = A.load_artifact(host_build)
     m = art.manifest
-    assert m["precision"] == "int" and m["target"]["name"] == "host" and m["target"]["arch"] == "x86_64"
+    assert m.precision == "int" and m.target.name == "host" and m.target.arch == "x86_64"
     from edgeq.lower.kernels.micro import select_microkernel
     from edgeq.targets import load_target
 
-    assert m["target"]["kernel_family"] == select_microkernel(load_target("host").tvm_target()).family
-    assert set(m["files"]) == {"model.so", "weights.safetensors", "plan.json", "model.onnx", "golden.npz"}
-    assert m["bits"]["default"] == {"w": 8, "a": 8} and "blocks.0.attn.matmul_av" in m["bits"]["layers"]
-    assert m["calibration"]["images"] == 8 and len(m["calibration"]["sha256"]) == 64
-    assert set(m["versions"]) == {"edgeq", "tvm", "torch", "timm", "onnx", "python"}
-    acc = m["accuracy"]
-    assert acc["images"] == 10 and 0 <= acc["compiled_top1"] <= 100
+    assert m.target.kernel_family == select_microkernel(load_target("host").tvm_target()).family
+    assert set(m.files) == {"model.so", "weights.safetensors", "plan.json", "model.onnx", "golden.npz"}
+    assert m.bits.default == {"w": 8, "a": 8} and "blocks.0.attn.matmul_av" in m.bits.layers
+    assert m.calibration.images == 8 and len(m.calibration.sha256) == 64
+    assert set(m.versions) == {"edgeq", "tvm", "torch", "timm", "onnx", "python"}
+    acc = m.accuracy
+    assert acc.images == 10 and 0 <= acc.compiled_top1 <= 100
     # the integer program and the PyTorch fake-quant model agree on (nearly) every image
-    assert acc["agreement_compiled_vs_fakequant"] >= 90
+    assert acc.agreement_compiled_vs_fakequant >= 90
+    # what build writes is what the schema documents: the manifest file round-trips through Manifest
+    written = json.loads((host_build / A.MANIFEST).read_text())
+    assert m.to_json() == written
     assert not (host_build.parent / ".tiny-host.partial").exists()
 
 
 def test_golden_batch_is_reproduced_by_the_library(host_build: Path) -> None:
     art = A.load_artifact(host_build)
     inputs, outputs = art.golden()
-    assert inputs.shape == (art.manifest["golden"]["count"], 3, 32, 32) and outputs.shape == (len(inputs), 10)
-    assert art.manifest["golden"]["exact"] is True
-    np.testing.assert_array_equal(B.HostRunner(art.host_library)(inputs), outputs)
+    assert inputs.shape == (art.manifest.golden.count, 3, 32, 32) and outputs.shape == (len(inputs), 10)
+    assert art.manifest.golden.exact is True
+    np.testing.assert_array_equal(HostModel.of(art)(inputs), outputs)
 
 
 def test_inspect_shows_the_real_build(capsys, host_build: Path) -> None:
     code, out, err = run_cli(capsys, "inspect", str(host_build))
     assert code == 0, err
-    family = A.load_artifact(host_build).target["kernel_family"]
+    family = A.load_artifact(host_build).target.kernel_family
     for text in ("host (x86_64)", "int (default w8a8)", "blocks.0.mlp.fc1", "9216", "bit-exact",
                  "compiled (host library)", f"kernel family │ {family}"):
         assert text in out, text
@@ -97,13 +102,13 @@ def test_weight_bytes_are_within_five_percent_of_params_times_bits(host_build: P
     from safetensors.numpy import load_file
 
     art = A.load_artifact(host_build)
-    weights = art.manifest["weights"]
+    weights = art.manifest.weights
     stored = load_file(str(art.path("weights.safetensors")))
-    assert sum(v.nbytes for v in stored.values()) == weights["bytes"]
+    assert sum(v.nbytes for v in stored.values()) == weights.bytes
     # expected: sum over weighted layers of params x 8 / 8 plus a scale and a bias per output channel
-    qkv = weights["by_layer"]["blocks.0.attn.qkv"]
-    assert qkv["params"] == 48 * 144 and qkv["expected_bytes"] == 48 * 144 + 144 * B.CHANNEL_OVERHEAD_BYTES
-    assert abs(weights["bytes"] - weights["expected_bytes"]) <= 0.05 * weights["expected_bytes"], weights
+    qkv = weights.by_layer["blocks.0.attn.qkv"]
+    assert qkv.params == 48 * 144 and qkv.expected_bytes == 48 * 144 + 144 * B.CHANNEL_OVERHEAD_BYTES
+    assert abs(weights.bytes - weights.expected_bytes) <= 0.05 * weights.expected_bytes, weights
     assert B.weight_bytes_within_tolerance(weights)
 
 
@@ -118,11 +123,11 @@ def test_tuned_rebuild_records_its_database_and_reproduces_its_golden_batch(caps
                                "--tuning-db", str(tmp_path / "db"))
     assert code == 0, err
     art = A.load_artifact(rebuilt)
-    tuning = art.manifest["tuning"]
-    assert tuning["database"] == str(tmp_path / "db") and len(tuning["sha256"]) == 64
-    assert tuning["applied"] and f"tuned schedules for {len(tuning['applied'])} PrimFunc(s)" in out
+    tuning = art.manifest.tuning
+    assert tuning.database == str(tmp_path / "db") and len(tuning.sha256) == 64
+    assert tuning.applied and f"tuned schedules for {len(tuning.applied)} PrimFunc(s)" in out
     inputs, outputs = art.golden()
-    np.testing.assert_array_equal(B.HostRunner(art.host_library)(inputs), outputs)
+    np.testing.assert_array_equal(HostModel.of(art)(inputs), outputs)
 
 
 def test_rasp4_build_has_an_aarch64_library_and_a_host_reference(capsys, tmp_path, tiny_model_name, images) -> None:
@@ -135,15 +140,16 @@ def test_rasp4_build_has_an_aarch64_library_and_a_host_reference(capsys, tmp_pat
     assert code == 0, err
     art = A.load_artifact(out)
     assert elf_info(art.library).arch == "aarch64" and elf_info(art.host_library).arch == "x86_64"
-    assert art.manifest["target"]["arch"] == "aarch64" and art.manifest["target"]["rpc_key"] == "rasp4"
-    assert art.manifest["target"]["kernel_family"] == "arm_neon" and art.manifest["target"]["kernel_family_note"] is None
-    assert art.manifest["accuracy"] is None
-    weights = art.manifest["weights"]
+    target = art.manifest.target
+    assert target.arch == "aarch64" and target.rpc_key == "rasp4"
+    assert target.kernel_family == "arm_neon" and target.kernel_family_note is None
+    assert art.manifest.accuracy is None
+    weights = art.manifest.weights
     assert B.weight_bytes_within_tolerance(weights), weights
     # 4-bit weights are stored packed: half the bytes of the params
-    fc1 = weights["by_layer"]["blocks.0.mlp.fc1"]
-    assert fc1["w"] == fc1["stored_bits"] == 4 and fc1["params"] == 48 * 192
-    assert fc1["params"] // 2 <= fc1["bytes"] <= 1.05 * fc1["expected_bytes"]
+    fc1 = weights.by_layer["blocks.0.mlp.fc1"]
+    assert fc1.w == fc1.stored_bits == 4 and fc1.params == 48 * 192
+    assert fc1.params // 2 <= fc1.bytes <= 1.05 * fc1.expected_bytes
     assert f"→ {out}" in stdout
 
 
@@ -153,13 +159,13 @@ def test_manifest_and_inspect_say_when_the_kernels_fall_back_to_generic(capsys, 
     from test_artifact import make_artifact
 
     entry = B.target_entry(load_target("rasp4-32"), load_target("host"))
-    assert entry["kernel_family"] == "generic" and "fall back to 'generic'" in entry["kernel_family_note"]
+    assert entry.kernel_family == "generic" and "fall back to 'generic'" in entry.kernel_family_note
     out = make_artifact(tmp_path / "armv7")
     manifest = A.load_artifact(out).manifest
-    A.write_manifest(out, {**manifest, "target": {**manifest["target"], **entry}})
+    A.write_manifest(out, replace(manifest, target=entry))
     code, shown, err = run_cli(capsys, "inspect", str(out), "--json")
     assert code == 0, err
-    assert json.loads(shown)["target"]["kernel_family_note"] == entry["kernel_family_note"]
+    assert json.loads(shown)["target"]["kernel_family_note"] == entry.kernel_family_note
     code, shown, err = run_cli(capsys, "inspect", str(out))
     assert code == 0, err
     assert "kernel family generic (no kernel family covers this target" in " ".join(shown.replace("│", " ").split())

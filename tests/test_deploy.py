@@ -143,7 +143,7 @@ def test_check_refuses_data_with_another_class_count(x86_board, artifacts, tmp_p
 
 
 def test_the_one_started_board_is_the_default_address(monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgeq import deploy
+    from edgeq import runtime
 
     class Running:
         def __init__(self, address: str, alive: bool = True):
@@ -152,11 +152,11 @@ def test_the_one_started_board_is_the_default_address(monkeypatch: pytest.Monkey
         def alive(self) -> bool:
             return self._alive
 
-    monkeypatch.setattr(deploy, "list_boards", lambda: [Running("127.0.0.1:9301"), Running("127.0.0.1:9302", False)])
-    assert deploy.started_board_address({}) == "127.0.0.1:9301"
+    monkeypatch.setattr(runtime, "list_boards", lambda: [Running("127.0.0.1:9301"), Running("127.0.0.1:9302", False)])
+    assert runtime.started_board_address({}) == "127.0.0.1:9301"
     # a tracker in the environment wins; several running boards are ambiguous; none: nothing to default to
-    assert deploy.started_board_address({"TVM_TRACKER_HOST": "10.0.0.2"}) is None
-    monkeypatch.setattr(deploy, "list_boards", lambda: [Running("127.0.0.1:9301"), Running("127.0.0.1:9302")])
-    assert deploy.started_board_address({}) is None
-    monkeypatch.setattr(deploy, "list_boards", lambda: [])
-    assert deploy.started_board_address({}) is None
+    assert runtime.started_board_address({"TVM_TRACKER_HOST": "10.0.0.2"}) is None
+    monkeypatch.setattr(runtime, "list_boards", lambda: [Running("127.0.0.1:9301"), Running("127.0.0.1:9302")])
+    assert runtime.started_board_address({}) is None
+    monkeypatch.setattr(runtime, "list_boards", lambda: [])
+    assert runtime.started_board_address({}) is None

@@ -210,6 +210,8 @@ def resealed(folder: Path, **changes) -> Path:
     ({"target": ["rasp4"]}, "target must be dict"),
     ({"files": {"/etc/passwd": {"sha256": "00", "bytes": 1}}}, "invalid file name"),
     ({"precision": "fp16"}, "precision must be"),
+    ({"accuracy": [99.0]}, "accuracy must be dict"),
+    ({"weights__by_layer": ["head"]}, "malformed entry"),
 ])
 def test_resealed_manifest_with_wrong_fields_is_refused(capsys, tmp_path, changes, message) -> None:
     folder = resealed(make_artifact(tmp_path / "art"), **changes)

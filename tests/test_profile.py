@@ -165,7 +165,7 @@ def test_emulated_timings_are_labelled_everywhere(lab, tiny_builds, tmp_path, mo
     the real emulated board) has its timings labelled in every output."""
     from edgeq.remote.session import BoardSession
 
-    monkeypatch.setattr(BoardSession, "_under_emulation", lambda self, arch: True)
+    monkeypatch.setattr(BoardSession, "under_emulation", lambda self, arch: True)
     plans = write_plans(tmp_path, 1)
     out = tmp_path / "r"
     outcome = profile_plans(ProfileConfig(HOST_BUILD, plans=plans, out=out, **at(lab), repeat=2))

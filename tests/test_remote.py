@@ -140,7 +140,7 @@ def test_library_for_another_architecture_is_refused(x86_board, libraries) -> No
 
 def test_probe_libraries_find_the_architecture(x86_board) -> None:
     with connect(rpc=x86_board.address, env={}) as session:
-        assert session._probe().arch == "x86_64"
+        assert session.probe().arch == "x86_64"
 
 
 def test_board_dying_mid_session_is_exit_code_71(libraries) -> None:

@@ -501,7 +501,7 @@ class BoardSession:
                 elf = elf_info(bytes(self.rpc.download("/proc/self/exe")[:64]))
                 method = "server-executable"
             if elf is None:
-                elf = self._probe()
+                elf = self.probe()
                 method = "probe"
         if triple:
             method = "llvm"
@@ -509,10 +509,10 @@ class BoardSession:
         return BoardInfo(
             arch=arch, machine=elf.machine if elf else "unknown", bits=elf.bits if elf else 0, method=method,
             triple=triple, cpu=cpu, num_threads=num_threads, devices=tuple(devices),
-            emulated=self._under_emulation(arch),
+            emulated=self.under_emulation(arch),
         )
 
-    def _under_emulation(self, arch: str | None) -> bool:
+    def under_emulation(self, arch: str | None) -> bool:
         """Whether the server runs under qemu-user: the emulated board's sysroot holds a marker file that qemu
         shows the guest at an absolute path (a real board has no such file). /proc cannot tell: the server's
         download reads a file by its size, and /proc files have none."""
@@ -520,7 +520,7 @@ class BoardSession:
             return len(bytes(self.rpc.download(EMULATION_MARKER))) > 0
         return False
 
-    def _probe(self) -> ElfInfo | None:
+    def probe(self) -> ElfInfo | None:
         """Load tiny libraries built for each architecture edgeq can build for; the one that loads tells."""
         import tempfile
 
