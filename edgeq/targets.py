@@ -43,6 +43,25 @@ GENERIC_KERNEL_FAMILY = "generic"
 
 _KNOWN_TOP_KEYS = {"name", "description", "arch", "target", "host", "toolchain", "rpc", "board"}
 
+#: How many ``tvm.target.Target`` objects edgeq has made from something else (a spec, a dict, a string) in this
+#: process, by what was coerced: the measure of how often one build converts its target (see
+#: :func:`target_coercions`).
+_COERCIONS: dict[str, int] = {}
+
+
+def _coerced(source: str) -> None:
+    _COERCIONS[source] = _COERCIONS.get(source, 0) + 1
+
+
+def target_coercions(reset: bool = False) -> dict[str, int]:
+    """``{what was coerced: how many times}`` since the process started (or the last ``reset``): ``spec``
+    (:meth:`TargetSpec.tvm_target`), ``dict`` and ``string`` (:func:`as_tvm_target`), ``check`` (the validation
+    while loading a target)."""
+    counts = dict(_COERCIONS)
+    if reset:
+        _COERCIONS.clear()
+    return counts
+
 
 def targets_dir() -> Path:
     """Where the board YAML files are: ``$EDGEQ_TARGETS_DIR`` or the repository's ``targets/``."""
@@ -125,6 +144,7 @@ class TargetSpec:
         """The ``tvm.target.Target`` (with its host for GPU targets)."""
         import tvm
 
+        _coerced("spec")
         host = self.host
         return tvm.target.Target(self.target, host=host) if host else tvm.target.Target(self.target)
 
@@ -210,11 +230,13 @@ def as_tvm_target(target):
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, dict):
+        _coerced("dict")
         return tvm.target.Target(target)
     try:
         return load_target(target).tvm_target()
     except TargetError as err:
         try:
+            _coerced("string")
             return tvm.target.Target(os.fspath(target))
         except Exception:  # TVM's complaint about a string it cannot parse says less than edgeq's
             raise err from None
@@ -416,6 +438,7 @@ def _check_with_tvm(part: dict[str, Any], where: str) -> None:
         if not codegen.llvm_is_valid_cpu(part["mcpu"], triple):
             raise TargetError(f"{where}: LLVM does not know the CPU {part['mcpu']!r} for {triple}")
     try:
+        _coerced("check")
         tvm.target.Target(part)
     except Exception as err:
         raise TargetError(f"{where}: TVM refuses the target: {_last_line(err)}") from None
