@@ -14,7 +14,8 @@ from edgeq.compile import build, export_for_target, export_library
 from edgeq.errors import EdgeqError
 from edgeq.errors import TargetError, ToolchainMissingError
 from edgeq.lower.kernels.micro import kernel_family
-from edgeq.targets import TargetSpec, as_tvm_target, elf_info, list_targets, load_target, targets_dir
+from edgeq.targets import (TargetSpec, as_tvm_target, elf_info, list_targets, load_target, target_coercions,
+                           targets_dir)
 
 BOARDS = {"rasp4", "rasp4-32", "rasp5", "jetson-orin-nano", "jetson-nano", "mali", "host"}
 
@@ -113,6 +114,17 @@ def test_host_board_is_filled_in_from_this_machine() -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Other ways to name a target
+
+
+def test_target_coercions_are_counted_by_what_was_coerced() -> None:
+    spec = load_target("rasp4")
+    target_coercions(reset=True)
+    tvm_target = spec.tvm_target()
+    assert as_tvm_target(tvm_target) is tvm_target  # a Target passes through: not a coercion
+    as_tvm_target({"kind": "llvm"})
+    as_tvm_target("llvm")  # no board, tag or JSON of that name: TVM's own parse of the string
+    assert target_coercions(reset=True) == {"spec": 1, "dict": 1, "string": 1}
+    assert target_coercions() == {}
 
 
 def test_unknown_target_lists_the_known_boards() -> None:
