@@ -84,11 +84,6 @@ def _say(progress: Optional[Progress], stage: str, done: Optional[int] = None, t
 
 # --- checks that run before any long work ----------------------------------------------------------------------
 
-def storage_bits(w_bits: int) -> int:
-    """The width the integer kernels store ``w_bits``-bit weights at: packed int4 up to 4 bits, else int8."""
-    return 4 if w_bits <= 4 else 8
-
-
 def check_integer_target(spec, plan) -> None:
     """Refuse an integer build for a target without integer kernels, naming what it lacks and what works.
 
@@ -216,6 +211,8 @@ def _reconstruction_entry(qmodel) -> Optional[dict[str, Any]]:
 
 def weight_layout(qmodel, constants: dict[str, np.ndarray]) -> dict[str, Any]:
     """The manifest's ``weights`` entry: bytes stored per layer against params x bits / 8 plus scales."""
+    from edgeq.lower.export import storage_bits
+
     by_layer: dict[str, dict[str, Any]] = {}
     for name, module in qmodel.layers.items():
         spec = qmodel.metadata["layers"][name]

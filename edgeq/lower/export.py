@@ -51,8 +51,9 @@ Metadata
     ``metadata_props["edgeq.export"]``: JSON ``{"format": "edgeq.onnx-qdq", "version": 1,
     "opset": N, "int4": "int4"|"int8", "layers": {L: {...}}}`` where each layer entry gives its
     kind, ``w_bits``/``a_bits``, and for each quantizer the names of its tensors, its integer
-    range and bits (``weight``: ``initializer``, ``dtype``, ``bits``, ``qmin``, ``qmax``,
-    ``scale``, ``zero_point``; activations: ``scheme`` ``uniform`` or ``log2`` and the same
+    range and bits (``weight``: ``initializer``, ``dtype``, ``bits``, ``stored_bits`` -- the width the
+    integer kernels store the codes at, :func:`storage_bits` --, ``qmin``, ``qmax``, ``scale``,
+    ``zero_point``; activations: ``scheme`` ``uniform`` or ``log2`` and the same
     fields; log2 adds ``zero_code``, ``frac_bits``, ``odd_multiplier``, ``codes``).
     ``metadata_props["edgeq.quantized"]`` is the quantized model's own metadata JSON.
 
@@ -301,6 +302,12 @@ def _log2_nodes(b: _Builder, prefix: str, x: str, out: str, q: LogQuantizer) -> 
     return {"nodes": nodes, "info": info}
 
 
+def storage_bits(w_bits: int) -> int:
+    """The width the integer kernels store ``w_bits``-bit weights at: packed int4 up to 4 bits, else int8. Decided
+    here, once, and recorded in the export (``stored_bits``) for the lowering to read."""
+    return 4 if w_bits <= 4 else 8
+
+
 def _weight_nodes(b: _Builder, layer: str, out: str, module) -> dict[str, Any]:
     h = b.h
     w = module.weight_int.detach().cpu().numpy().astype(np.int8)
@@ -313,7 +320,7 @@ def _weight_nodes(b: _Builder, layer: str, out: str, module) -> dict[str, Any]:
     b.const(f"{layer}.weight_zero_point", zp, int4=int4)
     node = h.make_node("DequantizeLinear", [f"{layer}.weight_int", f"{layer}.weight_scale", f"{layer}.weight_zero_point"],
                        [out], axis=0, name=f"{layer}.weight/DequantizeLinear")
-    info = {"initializer": f"{layer}.weight_int", "dtype": dtype, "bits": bits,
+    info = {"initializer": f"{layer}.weight_int", "dtype": dtype, "bits": bits, "stored_bits": storage_bits(bits),
             "qmin": module.w_qmin, "qmax": module.w_qmax, "axis": 0,
             "scale": f"{layer}.weight_scale", "zero_point": f"{layer}.weight_zero_point"}
     return {"nodes": [node], "info": info}
