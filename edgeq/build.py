@@ -28,6 +28,7 @@ import numpy as np
 
 from edgeq import __version__
 from edgeq import artifact as A
+from edgeq.bitplan import storage_bits
 from edgeq.errors import ArtifactError, BitPlanError
 from edgeq.fileio import check_output_path, exclusive_output, remove_stale_partials
 from edgeq.interrupt import deferred, raise_if_interrupted
@@ -211,8 +212,6 @@ def _reconstruction_entry(qmodel) -> Optional[dict[str, Any]]:
 
 def weight_layout(qmodel, constants: dict[str, np.ndarray]) -> dict[str, Any]:
     """The manifest's ``weights`` entry: bytes stored per layer against params x bits / 8 plus scales."""
-    from edgeq.lower.export import storage_bits
-
     by_layer: dict[str, dict[str, Any]] = {}
     for name, module in qmodel.layers.items():
         spec = qmodel.metadata["layers"][name]

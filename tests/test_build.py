@@ -211,6 +211,4 @@ def test_failed_build_keeps_the_earlier_artifact(tmp_path, monkeypatch, tiny_mod
 
 
 def test_weights_are_stored_at_the_kernels_widths() -> None:
-    from edgeq.lower.export import storage_bits
-
-    assert [storage_bits(w) for w in range(2, 9)] == [4, 4, 4, 8, 8, 8, 8]
+    assert [B.storage_bits(w) for w in range(2, 9)] == [4, 4, 4, 8, 8, 8, 8]

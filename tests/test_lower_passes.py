@@ -16,7 +16,7 @@ from edgeq.lower.kernels.runner import host_target
 from edgeq.lower.passes import FuseLog2AV, FuseQLinear, FuseQMatmul, RemoveDeadQDQ
 from edgeq.lower.passes.attention import log2_table
 from edgeq.lower.passes._graph import Graph
-from edgeq.lower.relax_import import WEIGHT_BITS_ATTR, weight_key
+from edgeq.lower.relax_import import WEIGHT_BITS_ATTR, weight_key, weight_storage_bits
 
 TARGET = host_target()
 RNG = np.random.default_rng(0)
@@ -130,6 +130,15 @@ def test_fuse_qlinear_stores_weights_at_the_width_the_export_chose():
     unrecorded = mod.without_attr(WEIGHT_BITS_ATTR)
     with pytest.raises(UnsupportedModelError, match=r"records no storage width.*export_onnx.*stored_bits"):
         FuseQLinear(TARGET)(unrecorded)
+
+
+def test_import_reads_the_storage_width_from_the_export_metadata():
+    keys = {"w:a": "blocks.0.attn.qkv", "w:b": "head", "w:c": "blocks.0.mlp.fc1", "mm:x:y": "blocks.0.attn.matmul_qk"}
+    meta = {"layers": {"blocks.0.attn.qkv": {"weight": {"bits": 4, "stored_bits": 4}},
+                       "head": {"weight": {"bits": 6, "stored_bits": 8}},
+                       "blocks.0.mlp.fc1": {"weight": {"bits": 3}},  # an export from before stored_bits
+                       "blocks.0.attn.matmul_qk": {"a_quant": {"bits": 8}}}}
+    assert weight_storage_bits(meta, keys) == {"w:a": 4, "w:b": 8, "w:c": 4}
 
 
 def test_fuse_qlinear_requantizes_into_the_next_quantize():

@@ -52,7 +52,7 @@ Metadata
     "opset": N, "int4": "int4"|"int8", "layers": {L: {...}}}`` where each layer entry gives its
     kind, ``w_bits``/``a_bits``, and for each quantizer the names of its tensors, its integer
     range and bits (``weight``: ``initializer``, ``dtype``, ``bits``, ``stored_bits`` -- the width the
-    integer kernels store the codes at, :func:`storage_bits` --, ``qmin``, ``qmax``, ``scale``,
+    integer kernels store the codes at, :func:`edgeq.bitplan.storage_bits` --, ``qmin``, ``qmax``, ``scale``,
     ``zero_point``; activations: ``scheme`` ``uniform`` or ``log2`` and the same
     fields; log2 adds ``zero_code``, ``frac_bits``, ``odd_multiplier``, ``codes``).
     ``metadata_props["edgeq.quantized"]`` is the quantized model's own metadata JSON.
@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeq.bitplan import storage_bits
 from edgeq.quant import QuantizedModel
 from edgeq.quant import quantizers as Q
 from edgeq.quant.modules import LogQuantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer
@@ -300,12 +301,6 @@ def _log2_nodes(b: _Builder, prefix: str, x: str, out: str, q: LogQuantizer) -> 
     info = {"scheme": "log2", "bits": q.bits, "zero_code": zero, "frac_bits": q.frac_bits, "odd_multiplier": mult,
             "scale": f"{prefix}.scale", "codes": codes, "dtype": "uint8"}
     return {"nodes": nodes, "info": info}
-
-
-def storage_bits(w_bits: int) -> int:
-    """The width the integer kernels store ``w_bits``-bit weights at: packed int4 up to 4 bits, else int8. Decided
-    here, once, and recorded in the export (``stored_bits``) for the lowering to read."""
-    return 4 if w_bits <= 4 else 8
 
 
 def _weight_nodes(b: _Builder, layer: str, out: str, module) -> dict[str, Any]:

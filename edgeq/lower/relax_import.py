@@ -87,12 +87,17 @@ def layer_keys(proto) -> dict[str, str]:
 
 def weight_storage_bits(meta: dict[str, Any], keys: dict[str, str]) -> dict[str, int]:
     """``{weight key: stored bits}`` from the export metadata ``meta`` and :func:`layer_keys` ``keys``, for every
-    weighted layer whose entry records its storage width."""
+    weighted layer whose entry records its storage width (``stored_bits``; exports written before it was recorded
+    give the layer's bits, stored as :func:`edgeq.bitplan.storage_bits` says)."""
+    from edgeq.bitplan import storage_bits
+
     out = {}
     for key, layer in keys.items():
-        stored = (meta.get("layers", {}).get(layer, {}).get("weight") or {}).get("stored_bits")
-        if stored is not None:
-            out[key] = int(stored)
+        weight = meta.get("layers", {}).get(layer, {}).get("weight") or {}
+        if weight.get("stored_bits") is not None:
+            out[key] = int(weight["stored_bits"])
+        elif weight.get("bits") is not None:
+            out[key] = storage_bits(int(weight["bits"]))
     return out
 
 

@@ -20,9 +20,8 @@ when the result goes back to float, the rounding residual ``r = b - round(b / (s
 with the scale (so the float bias is exact there; a fused requantization carries the int32 rounding).
 Weights are stored at the width the export recorded for the layer (``stored_bits``, imported as the module
 attribute ``edgeq.weight_bits``: int4 packed two per byte for ``w_bits <= 4``, else int8); a layer without one is
-refused. Weight zero points
-must be 0 (edgeq quantizes weights symmetrically by default); a layer with non-zero ones is refused with
-:class:`UnsupportedModelError`.
+refused. Weight zero points must be 0 (edgeq quantizes weights symmetrically by default); a layer with non-zero
+ones is refused with :class:`UnsupportedModelError`.
 
 Rounding: edgeq's PyTorch fake-quant rounds half to even in float, the kernel's requantization rounds half up
 in fixed point; outputs can differ by one code on ties (see :mod:`edgeq.lower.kernels.reference`).
