@@ -31,17 +31,14 @@ import torch
 from torch import nn
 
 from edgeq.errors import PlanningError
+from edgeq.models.attention import ATTENTION_TYPES
 from edgeq.models.attention import attention_forward as explicit_forward
 from edgeq.quant.convert import MATMUL_AV, MATMUL_QK
 from edgeq.quant.convert import quantizable_layers as quantizer_layers
 
-try:  # timm >= 1.0 keeps the ViT attention here
-    from timm.layers.attention import Attention as _TimmAttention
-except ImportError:  # pragma: no cover - older timm
-    from timm.models.vision_transformer import Attention as _TimmAttention
 from timm.models.swin_transformer import WindowAttention as _SwinWindowAttention
 
-SUPPORTED_ATTENTION = (_TimmAttention, _SwinWindowAttention)
+SUPPORTED_ATTENTION = ATTENTION_TYPES
 MATMUL_SUFFIXES = (MATMUL_QK, MATMUL_AV)
 
 # Called as record(kind, attention_module_name, tensor) with kind "attn" (softmax
