@@ -28,6 +28,12 @@ MIN_BITS, MAX_BITS = 2, 8
 _SPEC = re.compile(r"^w(\d+)a(\d+)$")
 
 
+
+def storage_bits(w_bits: int) -> int:
+    """The width the integer kernels store ``w_bits``-bit weights at: packed int4 up to 4 bits, else int8. The
+    export applies it once and records the result in the ONNX file (``stored_bits``) for the lowering to read."""
+    return 4 if w_bits <= 4 else 8
+
 @dataclass(frozen=True)
 class LayerBits:
     w: int

@@ -33,7 +33,8 @@ import numpy as np
 
 from edgeq import __version__
 from edgeq import artifact as A
-from edgeq.errors import ArtifactError, BitPlanError, EdgeqError
+from edgeq.bitplan import storage_bits
+from edgeq.errors import ArtifactError, BitPlanError
 from edgeq.fileio import check_output_path, exclusive_output, remove_stale_partials
 from edgeq.interrupt import deferred, raise_if_interrupted
 
@@ -88,11 +89,6 @@ def _say(progress: Optional[Progress], stage: str, done: Optional[int] = None, t
 
 
 # --- checks that run before any long work ----------------------------------------------------------------------
-
-def storage_bits(w_bits: int) -> int:
-    """The width the integer kernels store ``w_bits``-bit weights at: packed int4 up to 4 bits, else int8."""
-    return 4 if w_bits <= 4 else 8
-
 
 def check_integer_target(spec, plan) -> None:
     """Refuse an integer build for a target without integer kernels, naming what it lacks and what works.
@@ -257,50 +253,15 @@ def save_weights(path: Path, constants: dict[str, np.ndarray], precision: str) -
     save_file(arrays, str(path), metadata={"format": "edgeq.weights", "precision": precision})
 
 
-def lower(onnx_path: Path, spec, precision: str):
-    """The Relax program of ``onnx_path`` for ``spec``: integer kernels, or the float program for float builds."""
-    from edgeq.lower.relax_import import import_onnx
+def compile_library(onnx_path: Path, spec, precision: str, path: Path, tuning_db, progress: Optional[Progress]):
+    """:func:`edgeq.lower.lower_model` for ``spec`` (its stages told to ``progress``), linked into ``path``."""
+    from edgeq.compile import export_library
+    from edgeq.lower import lower_model
 
-    mod = import_onnx(onnx_path, batch=1)
-    if precision == "float":
-        return mod
-    from edgeq.compile import tvm_refusals
-    from edgeq.lower.integer import lower_integer
-
-    with tvm_refusals(spec, "to lower the integer model"):
-        return lower_integer(mod, spec.tvm_target())
-
-
-def compile_library(mod, spec, path: Path, *, tuning_db: Optional[str] = None,
-                    tuned: Optional[list[str]] = None) -> Path:
-    from edgeq.compile import build, export_library
-
-    return export_library(build(mod, spec, tuning_db=tuning_db, tuned=tuned), spec, path)
-
-
-def check_tuning_db(config: BuildConfig, spec, host_spec) -> None:
-    """A tuning database must exist and be usable by every library the build compiles (CPU targets only:
-    the board's library and the host reference must take the same schedules to agree bit for bit)."""
-    if config.tuning_db is None:
-        return
-    from edgeq.lower.tuning_database import database_exists
-
-    if not database_exists(config.tuning_db):
-        raise EdgeqError(f"--tuning-db {config.tuning_db} holds no MetaSchedule database; write one with "
-                         "`edgeq tune`")
-    for each in (spec, host_spec):
-        if each is not None and each.tvm_target().kind.name != "llvm":
-            raise EdgeqError(f"--tuning-db applies to CPU targets only; {each.name} is "
-                             f"{each.tvm_target().kind.name}")
-
-
-def tuning_entry(config: BuildConfig, tuned: list[str]) -> Optional[dict[str, Any]]:
-    if config.tuning_db is None:
-        return None
-    from edgeq.lower.tuning_database import database_digest
-
-    return {"database": str(config.tuning_db), "sha256": database_digest(config.tuning_db),
-            "applied": sorted(set(tuned))}
+    lowered = lower_model(onnx_path, spec, precision, tuning_db=tuning_db,
+                          progress=lambda stage: _say(progress, f"{stage} for {spec.name}"))
+    export_library(lowered.module, spec, path)
+    return lowered
 
 
 def _torch_logits(model, images, batch_size: int = 100) -> np.ndarray:
@@ -400,6 +361,7 @@ class Prepared:
     model: Any                 # the float model
     model_info: A.ModelInfo
     evaluation: Any            # (images, labels, data) or None
+    database: Any = None       # the opened TuningDatabase of --tuning-db, checked once
 
     @property
     def precision(self) -> str:
@@ -417,7 +379,11 @@ def prepare_build(config: BuildConfig, progress: Optional[Progress], model=None)
     if host_spec is not None and spec.target_json == host_spec.target_json and spec.host_json is None:
         host_spec = None  # the target is this machine under another name
     spec.toolchain.resolve()  # a missing cross compiler fails now, not after quantizing
-    check_tuning_db(config, spec, host_spec)
+    database = None
+    if config.tuning_db is not None:  # every library the build compiles takes its schedules: CPU targets only
+        from edgeq.lower.tuning_database import TuningDatabase
+
+        database = TuningDatabase.open(config.tuning_db, [s for s in (spec, host_spec) if s], "--tuning-db")
     plan = None if config.float_model else resolve_plan(config.bits, config.plan)
     if plan is not None:
         check_integer_target(spec, plan)
@@ -436,7 +402,7 @@ def prepare_build(config: BuildConfig, progress: Optional[Progress], model=None)
         plan.check_layers(quantizable_layers(model))
     _say(progress, "evaluation data")
     evaluation = eval_set(config, model)  # unreadable data or a class-count mismatch fails before compiling
-    return Prepared(config, spec, host_spec, plan, model, model_info, evaluation)
+    return Prepared(config, spec, host_spec, plan, model, model_info, evaluation, database)
 
 
 def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[Progress], model) -> Path:
@@ -479,28 +445,22 @@ def compile_artifact(prepared: Prepared, folder: Path, name: str, progress: Opti
         _say(progress, "exporting ONNX")
         export_float_onnx(model, onnx_path, input_size=input_size)
 
-    _say(progress, f"lowering for {spec.name}")
-    mod = lower(onnx_path, spec, precision)
-    _say(progress, f"compiling for {spec.name}")
-    tuned: list[str] = []
-    compile_library(mod, spec, folder / A.LIBRARY, tuning_db=config.tuning_db, tuned=tuned)
+    lowered = compile_library(onnx_path, spec, precision, folder / A.LIBRARY, prepared.database, progress)
     if precision == "int":
         from edgeq.lower.integer import kernel_constants
 
-        constants = kernel_constants(mod)
+        constants = kernel_constants(lowered.relax)
         weights = weight_layout(qmodel, constants)
     else:
         constants = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
         weights = float_weight_layout(model)
     save_weights(folder / A.WEIGHTS, constants, precision)
-    del mod
+    tuning = lowered.tuning_entry()
+    del lowered
     reference_lib = folder / A.LIBRARY
     if host_spec is not None:
-        _say(progress, "lowering for host")
-        host_mod = lower(onnx_path, host_spec, precision)
-        _say(progress, "compiling for host")
-        reference_lib = compile_library(host_mod, host_spec, folder / A.HOST_LIBRARY, tuning_db=config.tuning_db)
-        del host_mod
+        reference_lib = folder / A.HOST_LIBRARY
+        compile_library(onnx_path, host_spec, precision, reference_lib, prepared.database, progress)
     runner = HostModel(reference_lib)
 
     _say(progress, "golden batch")
@@ -522,7 +482,6 @@ def compile_artifact(prepared: Prepared, folder: Path, name: str, progress: Opti
     bits = A.Bits(default=plan.default.to_json(),
                   layers={layer: plan.bits_for(layer).to_json() for layer in quantizable_layers(model)}) \
         if plan is not None else A.Bits(default={"w": 32, "a": 32}, layers={})
-    tuning = tuning_entry(config, tuned)
     return A.Manifest(
         name=name, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         precision=precision, entry="main", batch=1, model=prepared.model_info, target=target_entry(spec, host_spec),

@@ -48,19 +48,19 @@ def tvm_refusals(spec: TargetSpec, doing: str):
                           f"{_tvm_detail(err)}") from err
 
 
-def build(mod, target: str | TargetSpec, *, tuning_db: str | os.PathLike | None = None,
-          tuned: list[str] | None = None):
+def build(mod, target: str | TargetSpec, *, tuning_db: str | os.PathLike | None = None):
     """Compile a Relax ``IRModule`` for ``target`` into a ``tvm.relax.Executable`` (nothing linked yet).
 
     Runs edgeq's pipeline (:func:`edgeq.lower.pipeline.compile_relax`: fp32 GEMM kernels, scheduled float ops,
-    integer kernels kept); ``tuning_db`` from ``edgeq tune``, the PrimFuncs it schedules appended to ``tuned``.
-    Raises :class:`TargetError` when TVM fails to compile the module for the target.
+    integer kernels kept), with ``tuning_db`` from ``edgeq tune``; :func:`edgeq.lower.lower_model` does the same
+    from an ONNX file and says what it applied. Raises :class:`TargetError` when TVM fails to compile the module
+    for the target.
     """
     from edgeq.lower.pipeline import compile_relax
 
     spec = load_target(target)
     with tvm_refusals(spec, "to compile the model"):
-        return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db, tuned=tuned)
+        return compile_relax(mod, spec.tvm_target(), tuning_db=tuning_db)
 
 
 def export_library(built, target: str | TargetSpec, path: str | os.PathLike) -> Path:

@@ -2,8 +2,8 @@
 
 TVM 0.27's Relax VM has no profiler (``VirtualMachine.profile`` is gone), and its instrumentation hook takes a
 callback that would run on the board, not here. So every PrimFunc that ``main`` calls is timed one call at a
-time instead: the artifact's ``model.onnx`` is lowered again exactly as the build did (:func:`edgeq.build.lower`)
-and taken through the build's scheduling passes (:func:`edgeq.lower.pipeline.schedule_relax`), which leave
+time instead: the artifact's ``model.onnx`` is lowered again exactly as the build did, with the build's tuning
+database (:func:`edgeq.lower.lower_model` with ``schedule_only``): the build's scheduling passes leave
 ``main`` a dataflow of ``R.call_tir`` to scheduled PrimFuncs: the integer kernels (listed with their layer by
 :func:`edgeq.lower.integer.integer_kernel_calls`) and the float "glue" between them (LayerNorm, Softmax, GELU,
 residual adds, activation quantization, log2 codes, reshapes). The distinct PrimFuncs are compiled into one
@@ -87,17 +87,32 @@ def primfunc_calls(mod, entry: str = "main") -> list[dict[str, Any]]:
     return calls
 
 
-def scheduled_calls(artifact) -> tuple[Any, list[dict[str, Any]]]:
-    """``(scheduled module, primfunc_calls of its entry)`` for an artifact, lowered and scheduled as its build was."""
-    from edgeq.build import lower
-    from edgeq.lower.pipeline import schedule_relax
-    from edgeq.runtime import artifact_target
+def artifact_tuning_db(artifact):
+    """The tuning database the artifact's build applied (None when it had none), checked to be the same
+    database still: per-op timing must time the schedules the board's library has."""
+    from edgeq.errors import EdgeqError
+    from edgeq.lower.tuning_database import TuningDatabase
 
-    spec = artifact_target(artifact)
-    mod = lower(artifact.path("model.onnx"), spec, artifact.precision)
-    if spec.tvm_target().kind.name == "llvm":
-        mod = schedule_relax(mod, spec.tvm_target())
-    return mod, primfunc_calls(mod, artifact.manifest.entry)
+    entry = artifact.manifest.tuning
+    if entry is None or not entry.database:
+        return None
+    database = TuningDatabase.open(entry.database, option=f"the tuning database of {artifact.dir}")
+    if database.digest() != entry.sha256:
+        raise EdgeqError(f"the tuning database {entry.database} changed since {artifact.dir} was built with it "
+                         "(its sha256 differs): per-op times would not be those of the artifact's schedules; "
+                         "rebuild the artifact with it, or restore it")
+    return database
+
+
+def scheduled_calls(artifact) -> tuple[Any, list[dict[str, Any]]]:
+    """``(scheduled module, primfunc_calls of its entry)`` for an artifact, lowered and scheduled as its build was
+    (its tuning database applied)."""
+    from edgeq.runtime import artifact_target
+    from edgeq.lower import lower_model
+
+    lowered = lower_model(artifact.path("model.onnx"), artifact_target(artifact), artifact.precision,
+                          tuning_db=artifact_tuning_db(artifact), schedule_only=True)
+    return lowered.module, primfunc_calls(lowered.module, artifact.manifest.entry)
 
 
 def time_calls(mod, calls: list[dict[str, Any]], spec, session, *, repeat: int = 10, seed: int = 0) -> list[float]:
@@ -110,9 +125,10 @@ def time_calls(mod, calls: list[dict[str, Any]], spec, session, *, repeat: int =
     # legalized PrimFuncs have no global_symbol until Relax's build adds one; without it there is no entry point
     funcs = tvm.IRModule({name: mod[name].with_attr("global_symbol", name)
                           for name in dict.fromkeys(c["func"] for c in calls)})
-    tir_pipeline = EXACT_FP_TIR_PIPELINE if spec.tvm_target().kind.name == "llvm" else "default"
+    tvm_target = spec.tvm_target()
+    tir_pipeline = EXACT_FP_TIR_PIPELINE if tvm_target.kind.name == "llvm" else "default"
     with tempfile.TemporaryDirectory(prefix="edgeq-primfuncs-") as tmp:
-        built = tvm.compile(funcs, target=spec.tvm_target(), tir_pipeline=tir_pipeline)
+        built = tvm.compile(funcs, target=tvm_target, tir_pipeline=tir_pipeline)
         remote = session.load_module(export_library(built, spec, Path(tmp) / "primfuncs.so"), target=spec)
     device = session.device(spec.device_kind)
     rng = np.random.default_rng(seed)

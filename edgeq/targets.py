@@ -31,9 +31,6 @@ from edgeq.errors import TargetError
 from edgeq.fileio import read_yaml
 
 #: Architectures a board's loader can accept, named as in ``TargetSpec.arch``.
-#: How many ``tvm.target.Target`` objects the specs of this process have made (one per spec at most).
-TVM_TARGETS_MADE = 0
-
 ARCHES = ("aarch64", "armhf", "x86_64")
 
 #: The default cross toolchain for a JSON target or a tag, by architecture: (compiler, Debian package).
@@ -47,6 +44,25 @@ DEFAULT_TOOLCHAINS: dict[str, tuple[str | None, str]] = {
 GENERIC_KERNEL_FAMILY = "generic"
 
 _KNOWN_TOP_KEYS = {"name", "description", "arch", "target", "host", "toolchain", "rpc", "board"}
+
+#: How many ``tvm.target.Target`` objects edgeq has made from something else (a spec, a dict, a string) in this
+#: process, by what was coerced: the measure of how often one build converts its target (see
+#: :func:`target_coercions`).
+_COERCIONS: dict[str, int] = {}
+
+
+def _coerced(source: str) -> None:
+    _COERCIONS[source] = _COERCIONS.get(source, 0) + 1
+
+
+def target_coercions(reset: bool = False) -> dict[str, int]:
+    """``{what was coerced: how many times}`` since the process started (or the last ``reset``): ``spec``
+    (:meth:`TargetSpec.tvm_target`), ``dict`` and ``string`` (:func:`as_tvm_target`), ``check`` (the validation
+    while loading a target)."""
+    counts = dict(_COERCIONS)
+    if reset:
+        _COERCIONS.clear()
+    return counts
 
 
 def targets_dir() -> Path:
@@ -136,8 +152,7 @@ class TargetSpec:
     def _tvm_target(self):
         import tvm
 
-        global TVM_TARGETS_MADE
-        TVM_TARGETS_MADE += 1
+        _coerced("spec")
         host = self.host
         return tvm.target.Target(self.target, host=host) if host else tvm.target.Target(self.target)
 
@@ -227,11 +242,13 @@ def as_tvm_target(target):
     if isinstance(target, TargetSpec):
         return target.tvm_target()
     if isinstance(target, dict):
+        _coerced("dict")
         return tvm.target.Target(target)
     try:
         return load_target(target).tvm_target()
     except TargetError as err:
         try:
+            _coerced("string")
             return tvm.target.Target(os.fspath(target))
         except Exception:  # TVM's complaint about a string it cannot parse says less than edgeq's
             raise err from None
@@ -433,6 +450,7 @@ def _check_with_tvm(part: dict[str, Any], where: str) -> None:
         if not codegen.llvm_is_valid_cpu(part["mcpu"], triple):
             raise TargetError(f"{where}: LLVM does not know the CPU {part['mcpu']!r} for {triple}")
     try:
+        _coerced("check")
         tvm.target.Target(part)
     except Exception as err:
         raise TargetError(f"{where}: TVM refuses the target: {_last_line(err)}") from None

@@ -76,6 +76,7 @@ def test_vit_w8a8_matches_torch_and_names(vit_w8a8, tmp_path):
     assert "blocks.0.attn.qkv.input_quant/Clip" not in nodes          # 8-bit activations: no clip
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["edgeq.export"])
     assert meta["layers"]["blocks.0.attn.qkv"]["weight"]["dtype"] == "int8"
+    assert meta["layers"]["blocks.0.attn.qkv"]["weight"]["stored_bits"] == 8  # the kernels' width, chosen here
     assert meta["layers"]["blocks.0.attn.matmul_av"]["a_quant"]["scheme"] == "log2"
     n_weighted = sum(1 for spec in vit_w8a8.metadata["layers"].values() if spec["kind"] != "matmul")
     assert sum(1 for n in proto.graph.node if n.name.endswith(".weight/DequantizeLinear")) == n_weighted
@@ -112,6 +113,8 @@ def test_vit_w4a4_int8_storage(vit_w4a4, tmp_path):
     assert values.min() >= -8 and values.max() <= 7
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["edgeq.export"])
     assert meta["int4"] == "int8" and meta["layers"]["blocks.0.attn.proj"]["weight"]["bits"] == 4
+    # int8 in the file, packed int4 in the kernels: the export carries that choice for the lowering
+    assert meta["layers"]["blocks.0.attn.proj"]["weight"]["stored_bits"] == 4
 
 
 def test_top1_agreement_helper(vit_w8a8, tmp_path):

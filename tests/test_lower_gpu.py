@@ -97,9 +97,8 @@ def test_tvm_refusing_a_module_is_a_one_line_target_error():
 
 
 def test_build_command_reports_a_tvm_refusal_with_exit_60(capsys, tmp_path, monkeypatch):
-    from edgeq import build as B
-
-    monkeypatch.setattr(B, "lower", lambda onnx_path, spec, precision: _module_fuse_tir_refuses())
+    # the float export imports as a module TVM's CUDA pipeline refuses (edgeq.lower.lower_model imports it)
+    monkeypatch.setattr("edgeq.lower.relax_import.import_onnx", lambda onnx_path, batch: _module_fuse_tir_refuses())
     code, _, err = run_cli(capsys, "build", "--target", CUDA_BOARD, "--float", "--model", "edgeq/vit-cifar10",
                            "--random-init", "--eval-limit", "0", "--out", str(tmp_path / "out"))
     assert code == TargetError.exit_code, err

@@ -2,6 +2,8 @@
 is bit-exact with the numpy reference of the integer math (edgeq.lower.kernels.reference)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tvm
@@ -14,6 +16,7 @@ from edgeq.lower.kernels.runner import host_target
 from edgeq.lower.passes import FuseLog2AV, FuseQLinear, FuseQMatmul, RemoveDeadQDQ
 from edgeq.lower.passes.attention import log2_table
 from edgeq.lower.passes._graph import Graph
+from edgeq.lower.relax_import import WEIGHT_BITS_ATTR, weight_key, weight_storage_bits
 
 TARGET = host_target()
 RNG = np.random.default_rng(0)
@@ -57,6 +60,11 @@ def _ops(mod) -> str:
     return mod["main"].script(show_meta=False)
 
 
+def _with_weight_bits(mod, w, bits):
+    """``mod`` as an import of edgeq's export has it: the width the export chose for the weights ``w``."""
+    return mod.with_attr(WEIGHT_BITS_ATTR, json.dumps({weight_key(w): bits}))
+
+
 def _lower(mod, *passes):
     return tvm.transform.Sequential([*passes, RemoveDeadQDQ()])(mod)
 
@@ -64,7 +72,7 @@ def _lower(mod, *passes):
 # --- FuseQLinear -------------------------------------------------------------------------------------
 
 
-def _linear_module(w, w_scale, bias, x_scale, x_zp, shape, out_quant=None, w_zp=None):
+def _linear_module(w, w_scale, bias, x_scale, x_zp, shape, out_quant=None, w_zp=None, w_bits=8):
     x = relax.Var("x", relax.TensorType(shape, "uint8"))
 
     def body(bb, x):
@@ -77,7 +85,7 @@ def _linear_module(w, w_scale, bias, x_scale, x_zp, shape, out_quant=None, w_zp=
         scale, zp = out_quant
         return bb.emit(relax.op.quantize(y, _f32(scale), relax.const(np.uint8(zp)), axis=-1, out_dtype="uint8"))
 
-    return _function([x], body)
+    return _with_weight_bits(_function([x], body), w, w_bits)
 
 
 def _linear_case(n=5, k=12, w_range=(-127, 128)):
@@ -101,7 +109,7 @@ def _expected_float(x, x_zp, x_scale, w, w_scale, bias):
 def test_fuse_qlinear_bit_exact(w_range):
     w, w_scale, bias, x = _linear_case(w_range=w_range)
     x_scale, x_zp = 0.05, 121
-    mod = _linear_module(w, w_scale, bias, x_scale, x_zp, x.shape)
+    mod = _linear_module(w, w_scale, bias, x_scale, x_zp, x.shape, w_bits=4 if w_range == (-8, 8) else 8)
     lowered = _lower(mod, FuseQLinear(TARGET))
     kernels = _kernels(lowered)
     assert len(kernels) == 1 and "qlinear" in kernels[0]
@@ -112,6 +120,25 @@ def test_fuse_qlinear_bit_exact(w_range):
     np.testing.assert_array_equal(got, expected)
     # and it is the float layer up to float32 rounding
     np.testing.assert_allclose(got, _run(mod, x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_qlinear_stores_weights_at_the_width_the_export_chose():
+    w, w_scale, bias, x = _linear_case(w_range=(-8, 8))  # codes that would fit int4, of an 8-bit layer
+    mod = _linear_module(w, w_scale, bias, 0.05, 121, x.shape, w_bits=8)
+    (kernel,) = _kernels(_lower(mod, FuseQLinear(TARGET)))
+    assert "_w4_" not in kernel  # the width comes from the export, not from the code values
+    unrecorded = mod.without_attr(WEIGHT_BITS_ATTR)
+    with pytest.raises(UnsupportedModelError, match=r"records no storage width.*export_onnx.*stored_bits"):
+        FuseQLinear(TARGET)(unrecorded)
+
+
+def test_import_reads_the_storage_width_from_the_export_metadata():
+    keys = {"w:a": "blocks.0.attn.qkv", "w:b": "head", "w:c": "blocks.0.mlp.fc1", "mm:x:y": "blocks.0.attn.matmul_qk"}
+    meta = {"layers": {"blocks.0.attn.qkv": {"weight": {"bits": 4, "stored_bits": 4}},
+                       "head": {"weight": {"bits": 6, "stored_bits": 8}},
+                       "blocks.0.mlp.fc1": {"weight": {"bits": 3}},  # an export from before stored_bits
+                       "blocks.0.attn.matmul_qk": {"a_quant": {"bits": 8}}}}
+    assert weight_storage_bits(meta, keys) == {"w:a": 4, "w:b": 8, "w:c": 4}
 
 
 def test_fuse_qlinear_requantizes_into_the_next_quantize():
@@ -137,7 +164,7 @@ def test_fuse_qlinear_refuses_weight_zero_points():
         FuseQLinear(TARGET)(mod)
 
 
-def _conv_module(w, w_scale, bias, x_scale, x_zp, shape, stride, padding=0):
+def _conv_module(w, w_scale, bias, x_scale, x_zp, shape, stride, padding=0, w_bits=8):
     x = relax.Var("x", relax.TensorType(shape, "uint8"))
 
     def body(bb, x):
@@ -146,7 +173,7 @@ def _conv_module(w, w_scale, bias, x_scale, x_zp, shape, stride, padding=0):
         b = bb.emit(relax.op.reshape(_f32(bias), (1, w.shape[0], 1, 1)))
         return bb.emit(relax.op.add(y, b))
 
-    return _function([x], body)
+    return _with_weight_bits(_function([x], body), w, w_bits)
 
 
 PATCH_CONV = (6, 3, 2)  # output channels, input channels, patch size

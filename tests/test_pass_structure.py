@@ -26,6 +26,7 @@ from edgeq.lower.passes import (FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftma
                                 RemoveDeadQDQ)
 from edgeq.lower.passes._graph import KERNEL_LAYERS_ATTR
 from edgeq.lower.passes.float_kernels import FloatKernels
+from edgeq.lower.relax_import import WEIGHT_BITS_ATTR, weight_key
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
@@ -50,7 +51,7 @@ def integer_pass(pass_, mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def test_fuse_qlinear_emits_the_kernel_then_the_float_scale_and_bias_residual():
-    w = np.array([[1, -2, 3], [4, 5, -6]], np.int8)  # within [-8, 7]: packed as int4
+    w = np.array([[1, -2, 3], [4, 5, -6]], np.int8)  # a 4-bit layer's codes: packed as int4
 
     @I.ir_module
     class Before:
@@ -65,6 +66,8 @@ def test_fuse_qlinear_emits_the_kernel_then_the_float_scale_and_bias_residual():
                 R.output(out)
             return out
 
+    weight_bits = json.dumps({weight_key(w): 4})  # the width the export recorded for these weights (4 bits)
+    Before = Before.with_attr(WEIGHT_BITS_ATTR, weight_bits)
     # accumulator scales 0.5 * [0.25, 0.5]; the bias on that grid is [8, -2] exactly, so no residual is left
     kernel = qlinear_kernel(2, 3, 2, TARGET, x_dtype="uint8", w_bits=4, out_dtype="int32")
     packed = kernel.pack(w, np.array([8, -2], np.int32), 3)
@@ -83,7 +86,8 @@ def test_fuse_qlinear_emits_the_kernel_then_the_float_scale_and_bias_residual():
                 R.output(out)
             return out
 
-    expected = with_kernels(Expected, {qlinear: kernel.func}, {"linear0": "linear0"})
+    expected = with_kernels(Expected.with_attr(WEIGHT_BITS_ATTR, weight_bits), {qlinear: kernel.func},
+                            {"linear0": "linear0"})
     tvm.ir.assert_structural_equal(integer_pass(FuseQLinear(TARGET), Before), expected)
 
 

@@ -14,7 +14,8 @@ from edgeq.compile import build, export_for_target, export_library
 from edgeq.errors import EdgeqError
 from edgeq.errors import TargetError, ToolchainMissingError
 from edgeq.lower.kernels.micro import kernel_family
-from edgeq.targets import TargetSpec, as_tvm_target, elf_info, list_targets, load_target, targets_dir
+from edgeq.targets import (TargetSpec, as_tvm_target, elf_info, list_targets, load_target, target_coercions,
+                           targets_dir)
 
 BOARDS = {"rasp4", "rasp4-32", "rasp5", "jetson-orin-nano", "jetson-nano", "mali", "host"}
 
@@ -113,6 +114,18 @@ def test_host_board_is_filled_in_from_this_machine() -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Other ways to name a target
+
+
+def test_target_coercions_are_counted_by_what_was_coerced() -> None:
+    spec = load_target("rasp4")
+    target_coercions(reset=True)
+    tvm_target = spec.tvm_target()
+    assert as_tvm_target(tvm_target) is tvm_target  # a Target passes through: not a coercion
+    as_tvm_target({"kind": "llvm"})
+    as_tvm_target("llvm")  # no board, tag or JSON of that name: TVM's own parse of the string
+    # the spec made its Target when load_target validated it, and keeps it
+    assert target_coercions(reset=True) == {"dict": 1, "string": 1}
+    assert target_coercions() == {}
 
 
 def test_unknown_target_lists_the_known_boards() -> None:
@@ -340,20 +353,16 @@ def test_one_coercion_to_a_tvm_target_for_boards_dicts_and_tvm_strings():
 
 
 def test_a_spec_parses_and_makes_its_tvm_target_once() -> None:
-    import edgeq.targets as targets
-
-    made = targets.TVM_TARGETS_MADE
-    spec = targets.load_target("rasp4")   # validating the board makes its Target once
+    target_coercions(reset=True)
+    spec = load_target("rasp4")
     assert spec.target is spec.target and spec.host is spec.host
     first = spec.tvm_target()
-    assert spec.tvm_target() is first and targets.as_tvm_target(spec) is first
-    assert targets.TVM_TARGETS_MADE == made + 1
+    assert spec.tvm_target() is first and as_tvm_target(spec) is first
+    assert target_coercions(reset=True) == {"check": 1, "spec": 1}  # the validation's, and the spec's one
     assert first.attrs["mcpu"] == "cortex-a72"
 
 
 def test_load_target_takes_a_tvm_target_dict() -> None:
-    from edgeq.targets import load_target
-
     spec = load_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53"})
     assert spec.source == "dict" and spec.arch == "aarch64" and spec.target["mcpu"] == "cortex-a53"
     assert load_target(spec.target).target_json == spec.target_json

@@ -48,7 +48,7 @@ def test_tuned_database_is_measured_and_a_build_applies_it(layer_norm_onnx, tmp_
     from tvm import relax
 
     from edgeq.lower.kernels.runner import host_target
-    from edgeq.lower.pipeline import compile_relax
+    from edgeq.lower.pipeline import lower_relax
     from edgeq.lower.relax_import import import_onnx
     from edgeq.tune import tune_onnx
 
@@ -56,10 +56,8 @@ def test_tuned_database_is_measured_and_a_build_applies_it(layer_norm_onnx, tmp_
     assert (result.tasks, result.records, result.measured_on) == (1, 2, "this machine")
     assert_measured(tmp_path / "db", 2)
 
-    tuned: list[str] = []
-    executable = compile_relax(import_onnx(layer_norm_onnx, batch=1), host_target(2), tuning_db=tmp_path / "db",
-                               tuned=tuned)
-    assert tuned == ["layer_norm"]
+    executable, tuning = lower_relax(import_onnx(layer_norm_onnx, batch=1), host_target(2), tuning_db=tmp_path / "db")
+    assert tuning.applied == ("layer_norm",)
     x = np.random.default_rng(1).standard_normal((1, 50, 64)).astype(np.float32)
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     import onnxruntime as ort
@@ -67,7 +65,7 @@ def test_tuned_database_is_measured_and_a_build_applies_it(layer_norm_onnx, tmp_
     expected = ort.InferenceSession(str(layer_norm_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
-    untouched: list[str] = []  # a database tuned for other PrimFuncs schedules nothing, and says so
+    # a database tuned for other PrimFuncs schedules nothing, and says so
     from tvm.script import ir as I
     from tvm.script import relax as R
 
@@ -77,8 +75,43 @@ def test_tuned_database_is_measured_and_a_build_applies_it(layer_norm_onnx, tmp_
         def main(x: R.Tensor((4,), "float32")) -> R.Tensor((4,), "float32"):
             return R.add(x, x)
 
-    compile_relax(Add, host_target(2), tuning_db=tmp_path / "db", tuned=untouched)
-    assert untouched == []
+    assert lower_relax(Add, host_target(2), tuning_db=tmp_path / "db")[1].applied == ()
+
+
+def test_per_op_profiling_schedules_with_the_artifacts_tuning_database(layer_norm_onnx, tmp_path) -> None:
+    """`edgeq profile --per-op` lowers the artifact again: with the database its build applied, so the PrimFuncs it
+    times have the board library's tuned schedules (it used to time the untuned ones)."""
+    import shutil
+
+    import tvm
+
+    from edgeq.artifact import Artifact, Bits, Golden, Manifest, ModelInfo, TargetInfo, Tuning
+    from edgeq.lower import lower_model
+    from edgeq.lower.tuning_database import database_digest
+    from edgeq.profile_ops import scheduled_calls
+    from edgeq.tune import tune_onnx
+
+    tune_onnx(layer_norm_onnx, "host", tmp_path / "db", trials=1)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    shutil.copy(layer_norm_onnx, folder / "model.onnx")
+    manifest = Manifest(name="art", precision="float", model=ModelInfo.from_json({}),
+                        target=TargetInfo.from_json({"name": "host"}), bits=Bits.from_json({}),
+                        golden=Golden.from_json({}),
+                        tuning=Tuning(database=str(tmp_path / "db"), sha256=database_digest(tmp_path / "db")))
+    profiled, calls = scheduled_calls(Artifact(folder, manifest))
+    assert [c["func"] for c in calls] == ["layer_norm"]
+
+    tuned = lower_model(layer_norm_onnx, "host", "float", tuning_db=tmp_path / "db", schedule_only=True)
+    untuned = lower_model(layer_norm_onnx, "host", "float", schedule_only=True)
+    assert tuned.tuning.applied == ("layer_norm",) and untuned.tuning is None
+    tvm.ir.assert_structural_equal(profiled["layer_norm"], tuned.module["layer_norm"])
+    with pytest.raises(ValueError):  # and not the generic schedule
+        tvm.ir.assert_structural_equal(profiled["layer_norm"], untuned.module["layer_norm"])
+
+    (tmp_path / "db" / "database_tuning_record.json").write_text("")  # the database changed since the build
+    with pytest.raises(EdgeqError, match="changed since"):
+        scheduled_calls(Artifact(folder, manifest))
 
 
 def test_tune_measures_on_a_board_through_a_tracker(layer_norm_onnx, tmp_path) -> None:

@@ -51,8 +51,9 @@ Metadata
     ``metadata_props["edgeq.export"]``: JSON ``{"format": "edgeq.onnx-qdq", "version": 1,
     "opset": N, "int4": "int4"|"int8", "layers": {L: {...}}}`` where each layer entry gives its
     kind, ``w_bits``/``a_bits``, and for each quantizer the names of its tensors, its integer
-    range and bits (``weight``: ``initializer``, ``dtype``, ``bits``, ``qmin``, ``qmax``,
-    ``scale``, ``zero_point``; activations: ``scheme`` ``uniform`` or ``log2`` and the same
+    range and bits (``weight``: ``initializer``, ``dtype``, ``bits``, ``stored_bits`` -- the width the
+    integer kernels store the codes at, :func:`edgeq.bitplan.storage_bits` --, ``qmin``, ``qmax``, ``scale``,
+    ``zero_point``; activations: ``scheme`` ``uniform`` or ``log2`` and the same
     fields; log2 adds ``zero_code``, ``frac_bits``, ``odd_multiplier``, ``codes``).
     ``metadata_props["edgeq.quantized"]`` is the quantized model's own metadata JSON.
 
@@ -80,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeq.bitplan import storage_bits
 from edgeq.quant import QuantizedModel
 from edgeq.quant import quantizers as Q
 from edgeq.quant.modules import LogQuantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer
@@ -313,7 +315,7 @@ def _weight_nodes(b: _Builder, layer: str, out: str, module) -> dict[str, Any]:
     b.const(f"{layer}.weight_zero_point", zp, int4=int4)
     node = h.make_node("DequantizeLinear", [f"{layer}.weight_int", f"{layer}.weight_scale", f"{layer}.weight_zero_point"],
                        [out], axis=0, name=f"{layer}.weight/DequantizeLinear")
-    info = {"initializer": f"{layer}.weight_int", "dtype": dtype, "bits": bits,
+    info = {"initializer": f"{layer}.weight_int", "dtype": dtype, "bits": bits, "stored_bits": storage_bits(bits),
             "qmin": module.w_qmin, "qmax": module.w_qmax, "axis": 0,
             "scale": f"{layer}.weight_scale", "zero_point": f"{layer}.weight_zero_point"}
     return {"nodes": [node], "info": info}

@@ -36,7 +36,7 @@ opaque there too (:func:`keep_kernels_opaque`).
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 import tvm
@@ -47,8 +47,12 @@ from tvm.s_tir.schedule.schedule import ScheduleError
 
 from edgeq.interrupt import raise_if_interrupted
 from edgeq.lower.kernels.micro import as_target
+from edgeq.lower.tuning_database import TuningApplied, TuningDatabase
 
-__all__ = ["compile_relax", "cpu_pipeline", "gpu_pipeline", "schedule_relax", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
+#: a tuning database: its directory, or one already opened
+TuningDb = Union[str, "os.PathLike[str]", TuningDatabase, None]
+
+__all__ = ["compile_relax", "lower_relax", "cpu_pipeline", "gpu_pipeline", "schedule_relax", "schedule_cpu_primfunc", "ScheduleCPU", "is_scheduled",
            "fence_float_products", "EXACT_FP_TIR_PIPELINE"]
 
 _SCHEDULED = "tirx.is_scheduled"
@@ -298,19 +302,17 @@ def keep_kernels_opaque(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def _apply_tuning_db(tuning_db: str | os.PathLike, target: tvm.target.Target,
-                     tuned: list[str] | None) -> tvm.transform.Pass:
-    """MetaSchedule's database pass; the PrimFuncs it gives a tuned schedule are appended to ``tuned``."""
-    from edgeq.lower.tuning_database import apply_database_pass
+def _apply_tuning_db(database: TuningDatabase, target: tvm.target.Target, applied: list[str]) -> tvm.transform.Pass:
+    """MetaSchedule's database pass; the PrimFuncs it gives a tuned schedule are appended to ``applied`` (read
+    back by :func:`lower_relax`, which made the list)."""
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.ApplyTuningDatabase")
     def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         already = {gv.name_hint for gv, func in mod.functions.items() if is_scheduled(func)}
         with target:  # MetaSchedule's pass reads the target when it is created
-            mod = apply_database_pass(tuning_db, target)(mod)
-        if tuned is not None:
-            tuned.extend(sorted(gv.name_hint for gv, func in mod.functions.items()
-                                if is_scheduled(func) and gv.name_hint not in already))
+            mod = relax.transform.MetaScheduleApplyDatabase(work_dir=str(database.path), enable_warning=False)(mod)
+        applied.extend(sorted(gv.name_hint for gv, func in mod.functions.items()
+                              if is_scheduled(func) and gv.name_hint not in already))
         return mod
 
     return _apply
@@ -394,31 +396,29 @@ def legalizing_passes(tgt: tvm.target.Target) -> list:
     return passes + cpu_generic.library_dispatch_passes(tgt) + cpu_generic.legalize_passes(tgt)
 
 
-def _scheduling_passes(tgt: tvm.target.Target, tuning_db: str | os.PathLike | None,
-                       tuned: list[str] | None = None) -> list:
+def _scheduling_passes(tgt: tvm.target.Target, database: TuningDatabase | None, applied: list[str]) -> list:
     """Steps 1-4 of the module doc: Relax ops to scheduled PrimFuncs, ``main`` still a dataflow of ``call_tir``."""
     passes = legalizing_passes(tgt)
-    if tuning_db is not None:
-        passes.append(_apply_tuning_db(tuning_db, tgt, tuned))
+    if database is not None:
+        passes.append(_apply_tuning_db(database, tgt, applied))
     passes.append(ScheduleCPU(tgt))
     return passes
 
 
-def schedule_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | None = None) -> tvm.IRModule:
+def schedule_relax(mod: tvm.IRModule, target, *, tuning_db: TuningDb = None) -> tvm.IRModule:
     """``mod`` as :func:`cpu_pipeline` has it just before dataflow lowering: every op a scheduled PrimFunc that
     ``main`` calls with ``R.call_tir`` (what ``edgeq profile --per-op`` times one PrimFunc at a time)."""
-    tgt = as_target(target)
-    with tgt:
-        return tvm.transform.Sequential(_scheduling_passes(tgt, tuning_db))(mod)
+    return lower_relax(mod, target, tuning_db=tuning_db, schedule_only=True)[0]
 
 
-def cpu_pipeline(target, *, tuning_db: str | os.PathLike | None = None,
-                 tuned: list[str] | None = None) -> tvm.transform.Pass:
-    """The Relax pipeline :func:`compile_relax` uses for a CPU target (a ``tvm.transform.Pass``)."""
+def cpu_pipeline(target, *, database: TuningDatabase | None = None,
+                 applied: list[str] | None = None) -> tvm.transform.Pass:
+    """The Relax pipeline :func:`compile_relax` uses for a CPU target (a ``tvm.transform.Pass``); the PrimFuncs
+    ``database`` schedules are appended to ``applied``."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     tgt = as_target(target)
-    passes = _scheduling_passes(tgt, tuning_db, tuned)
+    passes = _scheduling_passes(tgt, database, applied if applied is not None else [])
     passes += cpu_generic.dataflow_lower_passes(tgt) + cpu_generic.finalize_passes(tgt)
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.CPUPipeline")
@@ -493,27 +493,34 @@ def _exact_fp_tir_pipeline():
 tirx.compilation_pipeline.register_tir_pipeline(EXACT_FP_TIR_PIPELINE, _exact_fp_tir_pipeline)
 
 
-def compile_relax(mod: tvm.IRModule, target, *, tuning_db: str | os.PathLike | None = None,
-                  tuned: list[str] | None = None):
-    """Compile a Relax module for ``target`` (Target, JSON dict or tag) into a ``tvm.relax.Executable``.
+def lower_relax(mod: tvm.IRModule, target, *, tuning_db: TuningDb = None,
+                schedule_only: bool = False) -> tuple[Any, TuningApplied | None]:
+    """Compile a Relax module for ``target`` (Target, JSON dict or tag): ``(tvm.relax.Executable, what the
+    database gave)``; with ``schedule_only``, the scheduled module of :func:`schedule_relax` instead of the
+    executable (a GPU module is returned as it is: TVM's pipeline schedules it while compiling).
 
-    ``tuning_db``: a MetaSchedule database directory written by ``edgeq tune`` for this target; its tuned
-    PrimFuncs replace edgeq's generic schedules (the fp32/integer GEMM kernels stay hand-scheduled), and their
-    names are appended to ``tuned`` when it is given (a database tuned for another model matches nothing).
+    ``tuning_db``: a MetaSchedule database written by ``edgeq tune`` for this target (a directory, or a
+    :class:`~edgeq.lower.tuning_database.TuningDatabase` already opened); its tuned PrimFuncs replace edgeq's
+    generic schedules (the fp32/integer GEMM kernels stay hand-scheduled) and are named in the returned
+    :class:`~edgeq.lower.tuning_database.TuningApplied` (a database tuned for another model matches nothing).
     CPU modules are built with the :data:`EXACT_FP_TIR_PIPELINE`: their float results are the same bits on
     x86_64 and ARM.
     """
     tgt = as_target(target)
-    if tuning_db is not None and not Path(tuning_db).is_dir():
-        from edgeq.errors import EdgeqError
-
-        raise EdgeqError(f"tuning database {tuning_db} does not exist (write one with `edgeq tune`)")
+    database = None if tuning_db is None else TuningDatabase.open(tuning_db, [tgt])
     if tgt.kind.name != "llvm":
-        if tuning_db is not None:
-            from edgeq.errors import EdgeqError
+        return (mod if schedule_only else tvm.compile(mod, target=tgt, relax_pipeline=gpu_pipeline(tgt))), None
+    applied: list[str] = []
+    if schedule_only:
+        with tgt:
+            built = tvm.transform.Sequential(_scheduling_passes(tgt, database, applied))(mod)
+    else:
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
+        built = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, database=database, applied=applied),
+                            tir_pipeline=EXACT_FP_TIR_PIPELINE)
+    return built, None if database is None else TuningApplied(database, tuple(sorted(set(applied))))
 
-            raise EdgeqError(f"a tuning database applies to CPU (llvm) targets only, not {tgt.kind.name}")
-        return tvm.compile(mod, target=tgt, relax_pipeline=gpu_pipeline(tgt))
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
-    return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, tuning_db=tuning_db, tuned=tuned),
-                       tir_pipeline=EXACT_FP_TIR_PIPELINE)
+
+def compile_relax(mod: tvm.IRModule, target, *, tuning_db: TuningDb = None):
+    """:func:`lower_relax`'s executable alone."""
+    return lower_relax(mod, target, tuning_db=tuning_db)[0]

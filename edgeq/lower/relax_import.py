@@ -20,7 +20,10 @@ The module keeps what the Relax graph itself has lost, as module attributes (pla
 ``edgeq.layer_keys``
     ``{key: layer}`` so passes can name the kernels they emit after edgeq layers: weighted layers are keyed
     by :func:`weight_key` of their integer weight codes, matmuls by :func:`matmul_key` of their two
-    operands' scales.
+    operands' scales;
+``edgeq.weight_bits``
+    ``{weight key: bits}``: the width the integer kernels store each layer's weights at, as the export
+    decided it (``stored_bits`` of the layer's ``weight`` entry; read by the qlinear pass).
 """
 from __future__ import annotations
 
@@ -35,10 +38,12 @@ import numpy as np
 
 from edgeq.errors import EdgeqError, UnsupportedModelError
 
-__all__ = ["import_onnx", "load_onnx_for_relax", "weight_key", "matmul_key", "layer_keys", "module_json_attr"]
+__all__ = ["import_onnx", "load_onnx_for_relax", "weight_key", "matmul_key", "layer_keys", "weight_storage_bits",
+           "module_json_attr"]
 
 EXPORT_ATTR = "edgeq.export"
 LAYER_KEYS_ATTR = "edgeq.layer_keys"
+WEIGHT_BITS_ATTR = "edgeq.weight_bits"
 
 
 def weight_key(codes: np.ndarray) -> str:
@@ -78,6 +83,22 @@ def layer_keys(proto) -> dict[str, str]:
         if a and b and a.get("scale") in arrays and b.get("scale") in arrays:
             keys[matmul_key(float(arrays[a["scale"]]), float(arrays[b["scale"]]))] = layer
     return keys
+
+
+def weight_storage_bits(meta: dict[str, Any], keys: dict[str, str]) -> dict[str, int]:
+    """``{weight key: stored bits}`` from the export metadata ``meta`` and :func:`layer_keys` ``keys``, for every
+    weighted layer whose entry records its storage width (``stored_bits``; exports written before it was recorded
+    give the layer's bits, stored as :func:`edgeq.bitplan.storage_bits` says)."""
+    from edgeq.bitplan import storage_bits
+
+    out = {}
+    for key, layer in keys.items():
+        weight = meta.get("layers", {}).get(layer, {}).get("weight") or {}
+        if weight.get("stored_bits") is not None:
+            out[key] = int(weight["stored_bits"])
+        elif weight.get("bits") is not None:
+            out[key] = storage_bits(int(weight["bits"]))
+    return out
 
 
 def _export_metadata(proto) -> dict[str, Any]:
@@ -214,4 +235,5 @@ def import_onnx(onnx_path: str | os.PathLike, *, batch: int = 1):
     attrs = {LAYER_KEYS_ATTR: json.dumps(keys, sort_keys=True)}
     if meta:
         attrs[EXPORT_ATTR] = json.dumps(meta, sort_keys=True)
+        attrs[WEIGHT_BITS_ATTR] = json.dumps(weight_storage_bits(meta, keys), sort_keys=True)
     return mod.with_attrs(attrs)

@@ -14,10 +14,11 @@ The list of layers itself is the quantizer's
 ``quantize`` quantizes.
 
 Supported attention modules are timm's ``Attention`` (ViT, DeiT, distilled
-DeiT) and ``WindowAttention`` (Swin). :func:`attention_forward` re-implements
-their forward pass step by step (never the fused kernel), so the planners can
-see the attention probabilities and the A @ V product, and LRP can detach the
-softmax. Its output equals the module's own forward pass (tested).
+DeiT) and ``WindowAttention`` (Swin). :func:`attention_forward` runs their
+forward pass step by step (never the fused kernel) through the one explicit
+forward the quantizer uses too (:mod:`edgeq.models.attention`), so the planners
+can see the attention probabilities and the A @ V product, and LRP can detach
+the softmax. Its output equals the module's own forward pass (tested).
 """
 from __future__ import annotations
 
@@ -30,16 +31,14 @@ import torch
 from torch import nn
 
 from edgeq.errors import PlanningError
+from edgeq.models.attention import ATTENTION_TYPES
+from edgeq.models.attention import attention_forward as explicit_forward
 from edgeq.quant.convert import MATMUL_AV, MATMUL_QK
 from edgeq.quant.convert import quantizable_layers as quantizer_layers
 
-try:  # timm >= 1.0 keeps the ViT attention here
-    from timm.layers.attention import Attention as _TimmAttention
-except ImportError:  # pragma: no cover - older timm
-    from timm.models.vision_transformer import Attention as _TimmAttention
 from timm.models.swin_transformer import WindowAttention as _SwinWindowAttention
 
-SUPPORTED_ATTENTION = (_TimmAttention, _SwinWindowAttention)
+SUPPORTED_ATTENTION = ATTENTION_TYPES
 MATMUL_SUFFIXES = (MATMUL_QK, MATMUL_AV)
 
 # Called as record(kind, attention_module_name, tensor) with kind "attn" (softmax
@@ -109,74 +108,23 @@ def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 # --------------------------------------------------------------------------- attention
 
 
-def _timm_attention(module: nn.Module, name: str, x: torch.Tensor, detach_softmax: bool,
-                    record: Recorder | None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-    B, N, _ = x.shape
-    heads, head_dim = module.num_heads, module.head_dim
-    attn_dim = getattr(module, "attn_dim", heads * head_dim)
-    gate_layer = getattr(module, "gate", None)
-    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
-    qkv = module.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = module.q_norm(q), module.k_norm(k)
-    scores = (q * module.scale) @ k.transpose(-2, -1)
-    if attn_mask is not None or is_causal:
-        from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-
-        scores = maybe_add_mask(scores, resolve_self_attn_mask(N, scores, attn_mask, is_causal))
-    attn = scores.softmax(dim=-1)
-    attn = _after_softmax(attn, name, detach_softmax, record)
-    out = attn @ v
-    out = _after_av(out, name, record)
-    out = out.transpose(1, 2).reshape(B, N, attn_dim)
-    out = module.norm(out)
-    if gate is not None:
-        out = out * (gate.detach() if detach_softmax else gate)
-    return module.proj_drop(module.proj(out))
-
-
-def _swin_attention(module: nn.Module, name: str, x: torch.Tensor, detach_softmax: bool,
-                    record: Recorder | None, mask=None) -> torch.Tensor:
-    B_, N, _ = x.shape
-    heads = module.num_heads
-    qkv = module.qkv(x).reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    scores = (q * module.scale) @ k.transpose(-2, -1)
-    scores = scores + module._get_rel_pos_bias()
-    if mask is not None:
-        num_win = mask.shape[0]
-        scores = scores.view(-1, num_win, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-        scores = scores.view(-1, heads, N, N)
-    attn = scores.softmax(dim=-1)
-    attn = _after_softmax(attn, name, detach_softmax, record)
-    out = attn @ v
-    out = _after_av(out, name, record)
-    out = out.transpose(1, 2).reshape(B_, N, -1)
-    return module.proj_drop(module.proj(out))
-
-
-def _after_softmax(attn, name, detach_softmax, record):
-    if record is not None:
-        replaced = record("attn", name, attn)
-        attn = attn if replaced is None else replaced
-    return attn.detach() if detach_softmax else attn
-
-
-def _after_av(out, name, record):
-    if record is not None:
-        replaced = record("matmul_av", name, out)
-        out = out if replaced is None else replaced
-    return out
-
-
 def attention_forward(module: nn.Module, name: str, x: torch.Tensor, *, detach_softmax: bool = False,
                       record: Recorder | None = None, **kwargs) -> torch.Tensor:
-    """The supported attention module's forward pass, written out (no fused kernel)."""
-    if type(module) is _SwinWindowAttention:
-        return _swin_attention(module, name, x, detach_softmax, record, **kwargs)
-    if type(module) is _TimmAttention:
-        return _timm_attention(module, name, x, detach_softmax, record, **kwargs)
-    raise PlanningError(f"attention module {name!r} of type {type(module).__name__} is not supported")
+    """The supported attention module's forward pass, written out (no fused kernel): the one explicit forward
+    (:func:`edgeq.models.attention.attention_forward`, which the quantizer runs too), with ``record`` told the
+    probabilities and the A @ V product, and the probabilities and a gate detached with ``detach_softmax``."""
+    if type(module) not in SUPPORTED_ATTENTION:
+        raise PlanningError(f"attention module {name!r} of type {type(module).__name__} is not supported")
+
+    def recorded(kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        replaced = record(kind, name, tensor) if record is not None else None
+        return tensor if replaced is None else replaced
+
+    def detached(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach() if detach_softmax else tensor
+
+    return explicit_forward(module, x, on_probs=lambda attn: detached(recorded("attn", attn)),
+                            on_av=lambda out: recorded("matmul_av", out), on_gate=detached, **kwargs)
 
 
 @contextlib.contextmanager

@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from edgeq.errors import CalibrationError
+from edgeq.models.attention import attention_forward
 from edgeq.quant import quantizers as Q
 from edgeq.quant import reparam as R
 from edgeq.quant.config import QuantConfig
@@ -359,33 +359,15 @@ class QuantViTAttention(Attention):
     """timm ``Attention`` with explicit, quantized ``matmul_qk`` and ``matmul_av`` (never fused)."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.matmul_av(attn, v)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        return self.proj_drop(self.proj(x))
+        return attention_forward(self, x, matmul_qk=self.matmul_qk, matmul_av=self.matmul_av, attn_mask=attn_mask,
+                                 is_causal=is_causal)
 
 
 class QuantWindowAttention(WindowAttention):
     """timm Swin ``WindowAttention`` with quantized matmuls; relative position bias and masks stay float."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B_, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
-        attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.matmul_av(attn, v).transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
+        return attention_forward(self, x, matmul_qk=self.matmul_qk, matmul_av=self.matmul_av, mask=mask)
 
 
 QUANT_ATTENTION = {Attention: QuantViTAttention, WindowAttention: QuantWindowAttention}

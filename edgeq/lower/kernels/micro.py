@@ -189,12 +189,12 @@ X86_FAMILY_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def kernel_family(spec) -> dict:
+def kernel_family(spec, tvm_target=None) -> dict:
     """``kernel_family``: the integer kernel family edgeq schedules for the board ``spec``
-    (a :class:`edgeq.targets.TargetSpec`, see :func:`select_microkernel`); ``kernel_family_note``: why, when it
-    is the ``generic`` fallback, else None."""
+    (a :class:`edgeq.targets.TargetSpec`, see :func:`select_microkernel`; ``tvm_target``: its Target when the
+    caller has it already); ``kernel_family_note``: why, when it is the ``generic`` fallback, else None."""
     target = spec.target
-    family = select_microkernel(spec.tvm_target()).family
+    family = select_microkernel(tvm_target if tvm_target is not None else spec.tvm_target()).family
     note = None
     if family == GENERIC_KERNEL_FAMILY and spec.is_gpu:
         note = (f"edgeq has no integer kernels for {spec.kind} devices: integer plans are refused, "

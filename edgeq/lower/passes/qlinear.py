@@ -18,9 +18,10 @@ or, with the consumer quantize, the kernel requantizes in its epilogue (fixed-po
 ``sx * sw / so``) and writes ``q``'s codes directly. The bias is rounded to ``round(b / (sx * sw))`` in int32;
 when the result goes back to float, the rounding residual ``r = b - round(b / (sx * sw)) * sx * sw`` is added
 with the scale (so the float bias is exact there; a fused requantization carries the int32 rounding).
-Weights whose codes all lie in ``[-8, 7]`` are packed two per byte (int4); others stay int8. Weight zero points
-must be 0 (edgeq quantizes weights symmetrically by default); a layer with non-zero ones is refused with
-:class:`UnsupportedModelError`.
+Weights are stored at the width the export recorded for the layer (``stored_bits``, imported as the module
+attribute ``edgeq.weight_bits``: int4 packed two per byte for ``w_bits <= 4``, else int8); a layer without one is
+refused. Weight zero points must be 0 (edgeq quantizes weights symmetrically by default); a layer with non-zero
+ones is refused with :class:`UnsupportedModelError`.
 
 Rounding: edgeq's PyTorch fake-quant rounds half to even in float, the kernel's requantization rounds half up
 in fixed point; outputs can differ by one code on ties (see :mod:`edgeq.lower.kernels.reference`).
@@ -39,7 +40,7 @@ from edgeq.errors import UnsupportedModelError
 from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.qlinear import qlinear_kernel
 from edgeq.lower.kernels.relax_glue import emit_call
-from edgeq.lower.relax_import import weight_key
+from edgeq.lower.relax_import import WEIGHT_BITS_ATTR, module_json_attr, weight_key
 from edgeq.targets import as_tvm_target
 
 from ._graph import (BindingRewriter, Graph, LayerNamer, QAct, QWeight, cached_kernel, match_act_dequant,
@@ -193,13 +194,10 @@ def _int_bias(match: LinearMatch, where: str) -> np.ndarray:
     return q.astype(np.int32)
 
 
-def _w_bits(codes: np.ndarray) -> int:
-    return 4 if codes.size and codes.min() >= -8 and codes.max() <= 7 else 8
-
-
 def emit_linear(bb: relax.BlockBuilder, match: LinearMatch, x_codes: relax.Expr, target: tvm.target.Target,
-                layer: str, namer: Optional[LayerNamer] = None) -> relax.Expr:
-    """Emit the integer kernel for ``match`` reading the (already remapped) ``x_codes``; returns the result."""
+                layer: str, w_bits: int, namer: Optional[LayerNamer] = None) -> relax.Expr:
+    """Emit the integer kernel for ``match`` reading the (already remapped) ``x_codes``, its weights stored at
+    ``w_bits`` (4: packed int4, 8: int8); returns the result."""
     n, k = match.w.codes.shape
     if match.kind == "conv":
         b, c, h, w = match.x.shape
@@ -211,7 +209,6 @@ def emit_linear(bb: relax.BlockBuilder, match: LinearMatch, x_codes: relax.Expr,
     else:
         m = int(np.prod(match.x.shape[:-1]))
         x2 = x_codes if len(match.x.shape) == 2 else bb.emit(relax.op.reshape(x_codes, (m, k)))
-    w_bits = _w_bits(match.w.codes)
     bias = _int_bias(match, layer)
     if match.requant is None:
         kernel = cached_kernel(qlinear_kernel, m, k, n, target=target, x_dtype=match.x.dtype, w_bits=w_bits,
@@ -247,12 +244,23 @@ def emit_linear(bb: relax.BlockBuilder, match: LinearMatch, x_codes: relax.Expr,
 
 @mutator
 class _QLinearRewriter(BindingRewriter):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+        super().__init__(mod, target)
+        self.weight_bits = module_json_attr(mod, WEIGHT_BITS_ATTR)
+
     def rewrite(self, var, call):
         match = match_linear(self.graph, var, call)
         if match is None:
             return None
-        layer = self.namer.name(weight_key(_original_codes(match)), match.kind)
-        return emit_linear(self.builder_, match, self.visit_expr(match.x.codes), self.target, layer, self.namer)
+        key = weight_key(_original_codes(match))
+        layer = self.namer.name(key, match.kind)
+        if key not in self.weight_bits:
+            raise UnsupportedModelError(
+                f"binding {var.name} (layer {layer}): the export records no storage width for these weights; "
+                "lower an ONNX file written by edgeq's export_onnx (its metadata gives each layer's "
+                f"weight.stored_bits, imported as the module attribute {WEIGHT_BITS_ATTR})")
+        return emit_linear(self.builder_, match, self.visit_expr(match.x.codes), self.target, layer,
+                           int(self.weight_bits[key]), self.namer)
 
 
 def _original_codes(match: LinearMatch) -> np.ndarray:
