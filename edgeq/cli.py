@@ -394,6 +394,39 @@ def stage_progress() -> Iterator:
         yield update
 
 
+@contextmanager
+def plan_progress() -> Iterator:
+    """``progress(plan, step, done, total)`` for `edgeq profile`: on a terminal a bar with ETA per plan (boards
+    measure plans in parallel), elsewhere a line when a plan's step changes."""
+    if not sys.stderr.isatty():
+        last: dict[str, str] = {}
+
+        def plain(plan: str, step: str, done, total) -> None:
+            if last.get(plan) != step:
+                last[plan] = step
+                unit = {"timing": "rounds", "checking accuracy": "images"}.get(step, "calls")
+                click.echo(f"edgeq: {plan}: {step} ({total} {unit})", err=True)
+
+        yield plain
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, tuple[int, str]] = {}
+
+        def update(plan: str, step: str, done, total) -> None:
+            task, shown = tasks.get(plan) or (bar.add_task(plan, total=None), "")
+            tasks[plan] = (task, step)
+            if step != shown:  # a new step restarts the bar, so the ETA is the step's own
+                bar.reset(task, description=f"{plan}: {step}", completed=done, total=total)
+            else:
+                bar.update(task, completed=done, total=total)
+
+        yield update
+
+
 @cli.command("inspect")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -600,7 +633,9 @@ def profile_command(target, plans, more_plans, model_name, checkpoint, random_in
     config = ProfileConfig(build, plans=list(plans) + list(more_plans), out=out, rpc=rpc, tracker=rpc_tracker,
                            key=rpc_key, repeat=repeat, per_op=per_op, data=data, limit=limit if data else None,
                            latency_table=latency_table)
-    outcome = profile_plans(config, log=lambda message: click.echo(f"edgeq: {message}", err=True))
+    with plan_progress() as progress:
+        outcome = profile_plans(config, log=lambda message: click.echo(f"edgeq: {message}", err=True),
+                                progress=progress)
     click.echo(format_table(outcome.rows))
     click.echo(f"results: {out}/results.json, {out}/results.csv, {out}/pareto.png"
                + (f"; latency table {latency_table}" if latency_table else ""))

@@ -2,7 +2,8 @@
 
 For each plan: build an artifact (:func:`edgeq.build.build_artifact`), deploy it (golden batch must match),
 time the entry function on the board with TVM's ``time_evaluator`` (explicit warm-up calls, then ``repeat``
-timed calls after time_evaluator's own discarded one; median and p90 reported), and check accuracy (on-device
+timed calls in up to :data:`MAX_ROUNDS` rounds, one ``time_evaluator`` call each, so a progress bar can follow a
+slow board; median and p90 over every run), and check accuracy (on-device
 top-1 on ``--data``/``--limit`` images and agreement with the host library, else the build's host-library top-1).
 
 Results go to ``OUT/results.json`` and ``OUT/results.csv``, rewritten atomically after every measured plan, so
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import datetime as _dt
 import hashlib
 import io
@@ -54,10 +56,22 @@ CSV_COLUMNS = (
     "golden", "board", "artifact", "measured_at",
 )
 
+#: the most ``time_evaluator`` calls one plan's timing is split into (each call runs and discards one more call
+#: before it times its runs: see :func:`timing_rounds`)
+MAX_ROUNDS = 10
+
 Log = Callable[[str], None]
+#: ``progress(step, done, total)`` of one plan's measurement on the board
+StepProgress = Callable[[str, int, int], None]
+#: ``progress(plan, step, done, total)`` of a whole profile, plans measured in parallel
+PlanProgress = Callable[[str, str, int, int], None]
 
 
 def _quiet(_: str) -> None:
+    pass
+
+
+def _no_progress(*_: Any) -> None:
     pass
 
 
@@ -168,8 +182,29 @@ class ResultsBook:
 # Measuring one artifact on one board
 
 
-def measure_artifact(artifact_dir: Path, session, config: ProfileConfig) -> dict[str, Any]:
-    """Deploy (golden batch), time and check one artifact on an open session; the row's measured fields."""
+def timing_rounds(repeat: int, max_rounds: int = MAX_ROUNDS) -> list[int]:
+    """Timed runs per round: ``repeat`` split into at most ``max_rounds`` rounds differing by at most one run."""
+    rounds = max(1, min(repeat, max_rounds))
+    size, extra = divmod(max(repeat, 1), rounds)
+    return [size + (1 if i < extra else 0) for i in range(rounds)]
+
+
+def time_in_rounds(model, x, config: ProfileConfig, progress: StepProgress = _no_progress) -> list[float]:
+    """Seconds of ``config.repeat`` timed runs of ``model(x)``, one ``time_evaluator`` call per round (see
+    :func:`timing_rounds`) so that a slow board shows its progress round by round; every run's own time is kept,
+    so the statistics are those of one call with ``repeat`` runs."""
+    sizes = timing_rounds(config.repeat)
+    seconds: list[float] = []
+    for i, size in enumerate(sizes):
+        seconds += model.time(x, number=1, repeat=size, min_repeat_ms=config.min_repeat_ms)
+        progress("timing", i + 1, len(sizes))
+    return seconds
+
+
+def measure_artifact(artifact_dir: Path, session, config: ProfileConfig,
+                     progress: StepProgress = _no_progress) -> dict[str, Any]:
+    """Deploy (golden batch), time and check one artifact on an open session; the row's measured fields.
+    ``progress(step, done, total)`` follows the warm-up calls, the timing rounds and the board's accuracy check."""
     from edgeq.artifact import load_artifact
     from edgeq.check import check_on_board
     from edgeq.deploy import RemoteModel, board_info_json, deploy_artifact, describe_session
@@ -179,10 +214,11 @@ def measure_artifact(artifact_dir: Path, session, config: ProfileConfig) -> dict
     deployed = deploy_artifact(artifact, session=session, model=model)
     inputs, _ = artifact.golden()
     x = inputs[: int(artifact.manifest.get("batch", 1))]
-    for _ in range(max(0, config.warmup)):
+    warmup = max(0, config.warmup)
+    for i in range(warmup):
         model(x)
-    seconds = model.time(x, number=1, repeat=config.repeat, min_repeat_ms=config.min_repeat_ms)
-    ms = np.array(seconds) * 1e3
+        progress("warm-up", i + 1, warmup)
+    ms = np.array(time_in_rounds(model, x, config, progress)) * 1e3
     info = session.info()
     row: dict[str, Any] = {
         "artifact": str(artifact.dir),
@@ -199,7 +235,8 @@ def measure_artifact(artifact_dir: Path, session, config: ProfileConfig) -> dict
         "weight_bytes": int((artifact.manifest.get("weights") or {}).get("bytes") or 0),
     }
     if config.data:
-        checked = check_on_board(artifact, session, config.data, config.limit, model=model)
+        checked = check_on_board(artifact, session, config.data, config.limit, model=model,
+                                 progress=lambda done, total: progress("checking accuracy", done, total))
         row.update(accuracy_top1=checked.device_top1, host_top1=checked.host_top1,
                    accuracy_source=f"board, {checked.images} images of {config.data}",
                    agreement=checked.to_json()["agreement"], check=checked.to_json())
@@ -298,17 +335,18 @@ class ProfileOutcome:
     boards: int = 1
 
 
-def profile_plans(config: ProfileConfig, log: Log = _quiet) -> ProfileOutcome:
-    """Run the profile (see module doc). Raises :class:`RemoteRunError` (71) when a board dies, after writing
+def profile_plans(config: ProfileConfig, log: Log = _quiet, progress: PlanProgress = _no_progress) -> ProfileOutcome:
+    """Run the profile (see module doc); ``progress(plan, step, done, total)`` follows each plan's warm-up, timing
+    rounds and accuracy check on its board (from the boards' threads). Raises :class:`RemoteRunError` (71) when a board dies, after writing
     every row measured before; :class:`RemoteUnreachableError` (70) when no board answers; :class:`OutputBusyError`
     (4) at once when another edgeq process profiles into the same ``--out``."""
     from edgeq.fileio import exclusive_output
 
     with exclusive_output(Path(config.out), "--out"):
-        return _profile_holding_lock(config, log)
+        return _profile_holding_lock(config, log, progress)
 
 
-def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
+def _profile_holding_lock(config: ProfileConfig, log: Log, progress: PlanProgress) -> ProfileOutcome:
     from edgeq.remote.session import connect
     from edgeq.targets import load_target
 
@@ -345,7 +383,8 @@ def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
                     session = connect(config.rpc, config.tracker, config.key, default_key=spec.rpc_key,
                                       env=config.env, timeout=120.0)
                 log(f"{job.path.name}: measuring on {session.server[0]}:{session.server[1]}")
-                row = {**_row_base(job, job.artifact), **measure_artifact(job.artifact, session, config),
+                steps = functools.partial(progress, job.path.name)
+                row = {**_row_base(job, job.artifact), **measure_artifact(job.artifact, session, config, steps),
                        "measured_at": _now()}
                 book.add(row)
                 log(f"{job.path.name}: {row['latency_median_ms']:.3f} ms median ({row['timing']}), "
