@@ -29,7 +29,7 @@ import numpy as np
 from edgeq import __version__
 from edgeq import artifact as A
 from edgeq.errors import ArtifactError, BitPlanError, EdgeqError
-from edgeq.fileio import check_output_path, exclusive_output, remove_stale_partials
+from edgeq.fileio import check_output_path, exclusive_output, remove_stale_partials, replace_directory
 from edgeq.interrupt import deferred, raise_if_interrupted
 
 #: ``progress(stage, done, total)``: a stage name, and how far it is when it has steps (else None, None).
@@ -131,14 +131,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 def publish(partial: Path, out_dir: Path) -> Path:
     """Move the finished ``partial`` into ``out_dir``, replacing an earlier artifact only now."""
-    raise_if_interrupted()
-    old = out_dir.parent / f".{out_dir.name}.{os.getpid()}.old.partial"
-    with deferred():  # the two renames go together: never an interrupt between them
-        if out_dir.exists():
-            out_dir.rename(old)
-        partial.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return replace_directory(partial, out_dir)
 
 
 # --- stages ------------------------------------------------------------------------------------------------------

@@ -3,16 +3,27 @@
 
 It lives with the compile pipeline that reads it, so that :mod:`edgeq.lower.pipeline` needs nothing from
 :mod:`edgeq.tune` (which itself compiles through the pipeline).
+
+A tuning run writes the database as a build writes an artifact (:func:`writing_database`): it holds
+``PARENT/.NAME.lock`` from start to end, so a second tune into the same directory fails at once (exit 4); it
+tunes into ``PARENT/.NAME.<pid>.partial`` (starting from a copy of the records already there: MetaSchedule adds
+to a database) and renames that into place only when the tuning succeeded, so a failed, killed or interrupted
+tune leaves an earlier database byte-identical.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, OutputPathError
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+#: MetaSchedule's log of every candidate, kept beside the database files
+LOG_FILE = "tuning.log"
 
 
 def database_exists(path: str | os.PathLike) -> bool:
@@ -35,3 +46,44 @@ def apply_database_pass(tuning_db: str | os.PathLike, target):
         raise EdgeqError(f"{tuning_db} holds no MetaSchedule database ({', '.join(DATABASE_FILES)}); "
                          "write one with `edgeq tune`")
     return relax.transform.MetaScheduleApplyDatabase(work_dir=str(tuning_db), enable_warning=False)
+
+
+@contextlib.contextmanager
+def writing_database(database: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+    """The directory to tune into for the database ``database`` (see module doc): yields the partial copy; when
+    the block ends without an error, the copy replaces ``database``; otherwise it is removed and ``database``
+    stays as it was. Raises :class:`OutputBusyError` (4) at once while another process writes ``database`` and
+    :class:`OutputPathError` (3) for an existing directory that holds more than a database."""
+    from edgeq.fileio import exclusive_output, remove_stale_partials, replace_directory
+    from edgeq.interrupt import deferred
+
+    database = Path(database)
+    check_database_dir(database, option)
+    with exclusive_output(database, option):
+        remove_stale_partials(database)  # left by killed tunes: the lock says none of them is still running
+        partial = database.parent / f".{database.name}.{os.getpid()}.partial"
+        try:
+            if database.is_dir():
+                shutil.copytree(database, partial, symlinks=True)
+            else:
+                partial.mkdir()
+            yield partial
+            replace_directory(partial, database)
+        except BaseException:
+            with deferred():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+
+def check_database_dir(database: Path, option: str = "--out") -> None:
+    """A tuning database directory is new, empty, or holds only a database: anything else there would be copied
+    and then replaced, so it is refused."""
+    if database.is_symlink() or (database.exists() and not database.is_dir()):
+        raise OutputPathError(f"{option} {database} exists and is not a directory")
+    if database.is_dir():
+        others = sorted(p.name for p in database.iterdir() if p.name not in (*DATABASE_FILES, LOG_FILE)
+                        or not p.is_file() or p.is_symlink())
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise OutputPathError(f"{option} {database} holds other files than a tuning database ({shown}); "
+                                  "choose another directory (a database there is replaced, anything else is kept)")
