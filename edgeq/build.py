@@ -272,12 +272,7 @@ def check_tuning_db(config: BuildConfig, spec, host_spec) -> None:
     the board's library and the host reference must take the same schedules to agree bit for bit)."""
     if config.tuning_db is None:
         return
-    from edgeq.lower.tuning_database import database_exists
-
-    if not database_exists(config.tuning_db):
-        raise EdgeqError(f"--tuning-db {config.tuning_db} holds no MetaSchedule database; write one with "
-                         "`edgeq tune`")
-    for each in (spec, host_spec):
+    for each in (spec, host_spec):  # the database itself was checked by build_artifact
         if each is not None and each.tvm_target().kind.name != "llvm":
             raise EdgeqError(f"--tuning-db applies to CPU targets only; {each.name} is "
                              f"{each.tvm_target().kind.name}")
@@ -394,6 +389,10 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
+    if config.tuning_db is not None:  # an input: refused before the output's lock file is made
+        from edgeq.lower.tuning_database import check_database
+
+        check_database(config.tuning_db)
     with exclusive_output(out_dir, "--out"):
         return _build_holding_lock(config, out_dir, progress, model)
 

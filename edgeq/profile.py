@@ -42,7 +42,7 @@ import numpy as np
 
 from edgeq.build import BuildConfig
 from edgeq.errors import EdgeqError, RemoteRunError, RemoteUnreachableError
-from edgeq.fileio import atomic_write_json, atomic_write_text, replace_unless_interrupted
+from edgeq.fileio import atomic_write_json, atomic_write_text, read_json, replace_unless_interrupted
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -146,12 +146,12 @@ class ResultsBook:
         self.rows: list[dict[str, Any]] = []
         existing = out / RESULTS_JSON
         previous: dict[str, Any] = {}
-        if existing.is_file():
+        if existing.exists() or existing.is_symlink():  # a dangling link or a device is refused, not replaced
+            data = read_json(existing, EdgeqError, "profile results file")
             try:
-                data = json.loads(existing.read_text())
                 self.rows = [r for r in data.get("rows", []) if isinstance(r, dict)]
                 previous = dict(data.get("header") or {})
-            except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            except (ValueError, AttributeError, TypeError):
                 raise EdgeqError(f"{existing} is not a profile results file; choose another --out") from None
         for key in ("model", "target"):
             if previous.get(key) not in (None, header.get(key)):

@@ -38,6 +38,41 @@ def database_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_database(path: str | os.PathLike, option: str = "--tuning-db") -> None:
+    """Refuse, in one line and before any long work, a database MetaSchedule could not load or would hang on:
+    missing files, files that are not regular (a device would be read forever), too large or not UTF-8, lines
+    that are not JSON lists (deep nesting included), and anything MetaSchedule's own loader then refuses."""
+    import json
+
+    from edgeq.fileio import parse_nested, read_text
+    from edgeq.interrupt import raise_if_interrupted
+
+    path = Path(path)
+    if not database_exists(path):
+        raise EdgeqError(f"{option} {path} holds no MetaSchedule database ({', '.join(DATABASE_FILES)}); "
+                         "write one with `edgeq tune`")
+    for name in DATABASE_FILES:
+        file = path / name
+        for number, line in enumerate(read_text(file, EdgeqError, "tuning database file").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = parse_nested(json.loads, line, file, EdgeqError, "tuning database file")
+            except json.JSONDecodeError as exc:
+                raise EdgeqError(f"{file} line {number} is not JSON ({exc.msg}): not a MetaSchedule database "
+                                 "written by `edgeq tune`") from None
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise EdgeqError(f"{file} line {number} is not a MetaSchedule entry (a JSON list of two)")
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        ms.database.JSONDatabase(work_dir=str(path), allow_missing=False)
+    except Exception as exc:  # noqa: BLE001 - TVM's loader raises several kinds; all mean a damaged database
+        raise_if_interrupted()
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise EdgeqError(f"{option} {path}: MetaSchedule cannot load this database ({last})") from None
+
+
 def apply_database_pass(tuning_db: str | os.PathLike, target):
     """The Relax pass that gives every PrimFunc found in the database its tuned schedule."""
     from tvm import relax
