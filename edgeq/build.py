@@ -168,6 +168,22 @@ def calibration_images(config: BuildConfig, model) -> tuple[Optional[Any], dict[
                                 "images": int(calibration.images.shape[0]), "seed": recipe.seed}
 
 
+def check_build_inputs(config: BuildConfig) -> None:
+    """The build's data inputs, checked in a moment before the model is loaded (which can take a minute): the
+    calibration recipe parses and its data exists, the evaluation data exists."""
+    from edgeq.data.archive import resolve_data_path
+    from edgeq.data.calibration import resolve_recipe
+
+    calib = config.calib if config.calib is not None else (
+        str(REFERENCE_CALIBRATION) if is_reference(config.model) else None)
+    if calib is not None and not config.float_model:
+        resolve_data_path(resolve_recipe(calib, count=config.calib_count, seed=config.calib_seed).data)
+    data = config.eval_data if config.eval_data is not None else (
+        REFERENCE_EVAL_DATA if is_reference(config.model) else None)
+    if data is not None and config.eval_limit != 0:
+        resolve_data_path(data)
+
+
 def eval_set(config: BuildConfig, model):
     """``(images, labels, data)`` of the balanced accuracy subset, or None when there is none to use."""
     import torch
@@ -389,7 +405,8 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    if config.tuning_db is not None:  # an input: refused before the output's lock file is made
+    check_build_inputs(config)  # inputs are refused before the output's lock file is made
+    if config.tuning_db is not None:
         from edgeq.lower.tuning_database import check_database
 
         check_database(config.tuning_db)

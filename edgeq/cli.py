@@ -94,6 +94,20 @@ def reconstruction_options(command):
                              "auto: when some layer has 4 bits or fewer. Results are cached.")(command)
 
 
+def check_calibration_option(calib: str, count: int | None, seed: int | None) -> None:
+    """The recipe parses and its images exist: checked before the model loads (seconds to a minute)."""
+    from edgeq.data.archive import resolve_data_path
+    from edgeq.data.calibration import resolve_recipe
+
+    resolve_data_path(resolve_recipe(calib, count=count, seed=seed).data)
+
+
+def check_data_option(data: str) -> None:
+    from edgeq.data.archive import resolve_data_path
+
+    resolve_data_path(data)
+
+
 def load_calibration_option(model, calib: str, count: int | None, seed: int | None):
     from edgeq.data import data_config
     from edgeq.data.calibration import load_calibration, resolve_recipe
@@ -129,6 +143,7 @@ def models_command(pattern: str | None) -> None:
     if pattern:
         import timm
 
+        pattern = pattern.lower()  # timm's names are all lower case: "DeiT" finds the deit models
         wildcard = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
         names = timm.list_models(wildcard)
         click.echo(f"\ntimm models matching {wildcard!r}: {len(names)}")
@@ -188,6 +203,11 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
     from edgeq.fileio import atomic_write_json
 
     check_outputs(("--output", output))
+    check_data_option(data)  # cheap checks first: loading a model takes seconds to a minute
+    if quantized is not None and not quantized.exists() and not quantized.is_symlink():
+        from edgeq.errors import QuantizedModelError
+
+        raise QuantizedModelError(f"quantized model {quantized} does not exist")
     model = load_model_option(model_name, checkpoint, random_init or quantized is not None)
     config = data_config(model)
     if quantized is not None:
@@ -249,6 +269,8 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
     if latency_table is not None:
         load_latency_table(latency_table)
     check_outputs(("--out", out), ("--plot", plot))
+    if method != "random":
+        check_calibration_option(calib, calib_count, calib_seed)
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if method != "random":
@@ -293,6 +315,8 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
     plan = resolve_plan(bits, plan_path)
     check_outputs(("--out", out))
     reconstruction = resolve_reconstruction(reconstruct, plan, recon_iters)
+    if calib is not None:
+        check_calibration_option(calib, calib_count, calib_seed)
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if calib is not None:

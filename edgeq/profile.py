@@ -254,6 +254,9 @@ def measure_artifact(artifact_dir: Path, session, config: ProfileConfig,
         except RemoteRunError:
             raise
         except Exception as err:  # noqa: BLE001 - the plan's latency and accuracy stand without it
+            from edgeq.interrupt import raise_if_interrupted
+
+            raise_if_interrupted()  # a Ctrl-C that TVM turned into an error is not a kernel's failure
             row["per_op_error"] = f"{type(err).__name__}: {err}"
     return row
 
@@ -366,6 +369,10 @@ def _profile_holding_lock(config: ProfileConfig, log: Log, progress: PlanProgres
     skipped = [str(job.path) for job in jobs if job.hash in done]
     for name in skipped:
         log(f"{Path(name).name}: already measured (results.json), skipped")
+    if todo and config.data:  # --data that is not there fails now, not after the first build (each build checks
+        from edgeq.data.archive import resolve_data_path  # its own inputs before loading the model)
+
+        resolve_data_path(config.data)
     boards = count_boards(config) if todo else 1
     workers = min(boards, len(todo)) if todo else 0
     work: queue.Queue = queue.Queue()

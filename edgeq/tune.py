@@ -161,7 +161,7 @@ def _check_measurable(spec, board: RemoteAddress | None) -> None:
     if board is None and spec.arch != host_arch:
         raise EdgeqError(f"tuning for {spec.name} ({spec.arch}) measures candidates on the board: give it with "
                          "--rpc HOST:PORT or --rpc-tracker HOST[:PORT] (this machine is "
-                         f"{host_arch})")
+                         f"{host_arch}; `edgeq board start --emulated` runs an emulated aarch64 board here)")
 
 
 def tune_module(mod, target: str, database: str | os.PathLike, *, trials: int = 64, seed: int = 0,

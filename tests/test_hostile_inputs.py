@@ -68,7 +68,7 @@ def inspect_manifest(path: Path, tmp: Path) -> list[str]:
 
 
 def eval_with_checkpoint(path: Path, tmp: Path) -> list[str]:
-    return ["eval", "--model", "edgeq/vit-cifar10", "--checkpoint", str(path), "--data", str(tmp / "unused"),
+    return ["eval", "--model", "edgeq/vit-cifar10", "--checkpoint", str(path), "--data", str(path.parent),
             "--output", str(tmp / "out" / "r.json")]
 
 
@@ -83,7 +83,7 @@ def eval_on_archive(path: Path, tmp: Path) -> list[str]:
 
 
 def eval_with_quantized(path: Path, tmp: Path) -> list[str]:
-    return ["eval", "--model", "edgeq/vit-cifar10", "--quantized", str(path), "--data", str(tmp / "unused"),
+    return ["eval", "--model", "edgeq/vit-cifar10", "--quantized", str(path), "--data", str(path.parent),
             "--output", str(tmp / "out" / "r.json")]
 
 
@@ -318,3 +318,31 @@ def test_usage_errors_are_one_line(capsys, argv) -> None:
 def test_a_deeply_nested_json_target_on_the_command_line_is_one_line(capsys) -> None:
     code, _, err = run_cli(capsys, "targets", "{\"kind\": " + "[" * 50_000 + "]" * 50_000 + "}")
     assert code == 60 and len(err.strip().splitlines()) == 1 and "nested too deeply" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "M", "--random-init", "--data", "{missing}"],
+    ["eval", "--model", "M", "--data", "{tmp}", "--quantized", "{missing}"],
+    ["quantize", "--model", "M", "--random-init", "--calib", "{missing}", "--out", "{tmp}/q.safetensors"],
+    ["plan", "--model", "M", "--random-init", "--calib", "{missing}", "--budget", "avg-bits=6",
+     "--out", "{tmp}/p.json"],
+    ["build", "--model", "M", "--random-init", "--calib", "{missing}", "--target", "host", "--out", "{tmp}/art"],
+    ["build", "--model", "M", "--random-init", "--eval-data", "{missing}", "--target", "host",
+     "--out", "{tmp}/art"],
+])
+def test_missing_inputs_are_refused_before_the_model_loads(capsys, tmp_path, monkeypatch, argv) -> None:
+    """Cheap checks first: loading a model takes seconds (a large timm model, a minute)."""
+    import edgeq.build
+    import edgeq.cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(edgeq.cli, "load_model_option", no_loading)
+    monkeypatch.setattr(edgeq.build, "load_model", no_loading)
+    monkeypatch.setenv("EDGEQ_DATA", str(tmp_path))
+    values = {"{missing}": str(tmp_path / "missing"), "{tmp}": str(tmp_path), "M": "edgeq/vit-cifar10"}
+    argv = [values.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code in (13, 22) and "does not exist" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

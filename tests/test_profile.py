@@ -260,7 +260,7 @@ def test_progress_follows_warm_up_rounds_and_accuracy_per_plan(lab, tiny_builds,
     steps: list[tuple] = []
     plans = write_plans(tmp_path, 2)
     outcome = profile_plans(ProfileConfig(HOST_BUILD, plans=plans, out=tmp_path / "r", **at(lab), repeat=4, warmup=2,
-                                          data="some images", limit=3), progress=lambda *step: steps.append(step))
+                                          data=str(tmp_path), limit=3), progress=lambda *step: steps.append(step))
     assert all(row["repeat"] == 4 and len(row["latency_all_ms"]) == 4 for row in outcome.rows)
     for plan in ("plan0.json", "plan1.json"):
         assert [s[1:] for s in steps if s[0] == plan] == [
@@ -285,3 +285,12 @@ def test_cli_plan_progress_prints_a_line_per_step_without_a_terminal(capsys, mon
     with plan_progress() as progress:  # the rich bars: one per plan, restarted per step
         for call in calls:
             progress(*call)
+
+
+def test_missing_data_fails_before_any_build(tiny_builds, tmp_path) -> None:
+    from edgeq.errors import DataError
+
+    with pytest.raises(DataError, match="does not exist"):
+        profile_plans(ProfileConfig(HOST_BUILD, plans=write_plans(tmp_path, 1), out=tmp_path / "r",
+                                    rpc="127.0.0.1:9", env={}, data=str(tmp_path / "nowhere")))
+    assert tiny_builds == []

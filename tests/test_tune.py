@@ -118,7 +118,7 @@ def test_tune_command_on_a_board_given_directly(layer_norm_onnx, tmp_path, capsy
 def test_tuning_for_an_arm_board_needs_the_board(layer_norm_onnx, tmp_path) -> None:
     from edgeq.tune import tune_onnx
 
-    with pytest.raises(EdgeqError, match="measures candidates on the board.*--rpc"):
+    with pytest.raises(EdgeqError, match="measures candidates on the board.*--rpc.*edgeq board start --emulated"):
         tune_onnx(layer_norm_onnx, "rasp4", tmp_path / "db", trials=1)
     assert not (tmp_path / "db").exists()
 
