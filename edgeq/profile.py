@@ -60,6 +60,9 @@ CSV_COLUMNS = (
 #: before it times its runs: see :func:`timing_rounds`)
 MAX_ROUNDS = 10
 
+#: a build stage that counts its steps (calibration, reconstruction, accuracy) is reported again after this long
+STAGE_LINE_SECONDS = 20.0
+
 Log = Callable[[str], None]
 #: ``progress(step, done, total)`` of one plan's measurement on the board
 StepProgress = Callable[[str, int, int], None]
@@ -310,11 +313,17 @@ def build_plan(job: PlanJob, config: ProfileConfig, out: Path, log: Log) -> Path
     # with --data the board's accuracy is measured on those images: the build's own evaluation would repeat it
     skip_eval = {"eval_limit": 0} if config.data else {}
     stages: list[str] = []
+    last_line = [started]
 
-    def stage_line(stage: str, _done, _total) -> None:  # a build takes minutes: say which stage it is in
+    def stage_line(stage: str, done, total) -> None:  # a build takes minutes: say which stage it is in
+        now = time.monotonic()
         if not stages or stages[-1] != stage:
             stages.append(stage)
-            log(f"{job.path.name}: {stage} ({time.monotonic() - started:.0f} s)")
+            log(f"{job.path.name}: {stage} ({now - started:.0f} s)")
+            last_line[0] = now
+        elif total and done is not None and now - last_line[0] >= STAGE_LINE_SECONDS:
+            log(f"{job.path.name}: {stage} {done}/{total} ({now - started:.0f} s)")  # a long stage that counts
+            last_line[0] = now
 
     build_artifact(dataclasses.replace(config.build, plan=str(job.path), **skip_eval), folder, progress=stage_line)
     log(f"{job.path.name}: built in {time.monotonic() - started:.0f} s")

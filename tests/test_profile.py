@@ -217,6 +217,26 @@ def test_results_of_another_target_are_not_mixed(tmp_path) -> None:
         profile_module.ResultsBook(tmp_path, {"model": "m", "target": "host"})
 
 
+def test_a_build_reports_each_stage_and_long_counted_stages_as_they_go(tmp_path, monkeypatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(profile_module.time, "monotonic", lambda: clock[0])
+
+    def build(config, folder, progress=None):
+        for stage, done, total, seconds in [("loading model", None, None, 2), ("quantizing", 1, 38, 5),
+                                            ("quantizing", 2, 38, 10), ("quantizing", 30, 38, 10),
+                                            ("quantizing", 38, 38, 30), ("compiling for rasp4", None, None, 0)]:
+            clock[0] += seconds
+            progress(stage, done, total)
+
+    monkeypatch.setattr("edgeq.build.build_artifact", build)
+    lines: list[str] = []
+    job = profile_module.PlanJob(write_plans(tmp_path, 1)[0], "0123456789abcdef", {})
+    profile_module.build_plan(job, ProfileConfig(HOST_BUILD, plans=[], out=tmp_path), tmp_path, lines.append)
+    assert lines == ["plan0.json: building for host", "plan0.json: loading model (2 s)", "plan0.json: quantizing (7 s)",
+                     "plan0.json: quantizing 30/38 (27 s)", "plan0.json: quantizing 38/38 (57 s)",
+                     "plan0.json: compiling for rasp4 (57 s)", "plan0.json: built in 57 s"]
+
+
 def test_each_plan_is_built_as_the_profile_build_config_says(tmp_path, monkeypatch) -> None:
     built = []
     monkeypatch.setattr("edgeq.build.build_artifact", lambda config, folder, progress=None: built.append(config))
