@@ -35,7 +35,7 @@ from edgeq import __version__
 from edgeq import artifact as A
 from edgeq.bitplan import storage_bits
 from edgeq.errors import ArtifactError, BitPlanError
-from edgeq.fileio import check_output_path, exclusive_output, remove_stale_partials
+from edgeq.fileio import check_output_path, exclusive_output, remove_stale_partials, replace_directory
 from edgeq.interrupt import deferred, raise_if_interrupted
 
 #: ``progress(stage, done, total)``: a stage name, and how far it is when it has steps (else None, None).
@@ -132,14 +132,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 def publish(partial: Path, out_dir: Path) -> Path:
     """Move the finished ``partial`` into ``out_dir``, replacing an earlier artifact only now."""
-    raise_if_interrupted()
-    old = out_dir.parent / f".{out_dir.name}.{os.getpid()}.old.partial"
-    with deferred():  # the two renames go together: never an interrupt between them
-        if out_dir.exists():
-            out_dir.rename(old)
-        partial.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return replace_directory(partial, out_dir)
 
 
 # --- stages ------------------------------------------------------------------------------------------------------
@@ -174,6 +167,22 @@ def calibration_images(config: BuildConfig, model) -> tuple[Optional[Any], A.Cal
     source = recipe.data if spec == recipe.data else f"{spec} ({recipe.data})"
     return calibration.images, A.Calibration(source=source, sha256=calibration.digest,
                                              images=int(calibration.images.shape[0]), seed=recipe.seed)
+
+
+def check_build_inputs(config: BuildConfig) -> None:
+    """The build's data inputs, checked in a moment before the model is loaded (which can take a minute): the
+    calibration recipe parses and its data exists, the evaluation data exists."""
+    from edgeq.data.archive import resolve_data_path
+    from edgeq.data.calibration import resolve_recipe
+
+    calib = config.calib if config.calib is not None else (
+        str(REFERENCE_CALIBRATION) if is_reference(config.model) else None)
+    if calib is not None and not config.float_model:
+        resolve_data_path(resolve_recipe(calib, count=config.calib_count, seed=config.calib_seed).data)
+    data = config.eval_data if config.eval_data is not None else (
+        REFERENCE_EVAL_DATA if is_reference(config.model) else None)
+    if data is not None and config.eval_limit != 0:
+        resolve_data_path(data)
 
 
 def eval_set(config: BuildConfig, model):
@@ -346,8 +355,14 @@ def build_artifact(config: BuildConfig, out_dir: str | os.PathLike, progress: Op
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
+    check_build_inputs(config)  # inputs are refused before the output's lock file is made
+    database = None
+    if config.tuning_db is not None:  # the one check of the database, before the output's lock
+        from edgeq.lower.tuning_database import TuningDatabase
+
+        database = TuningDatabase.open(config.tuning_db, option="--tuning-db")
     with exclusive_output(out_dir, "--out"):
-        return _build_holding_lock(config, out_dir, progress, model)
+        return _build_holding_lock(config, out_dir, progress, model, database)
 
 
 @dataclass
@@ -368,7 +383,7 @@ class Prepared:
         return "int" if self.plan is not None else "float"
 
 
-def prepare_build(config: BuildConfig, progress: Optional[Progress], model=None) -> Prepared:
+def prepare_build(config: BuildConfig, progress: Optional[Progress], model=None, database=None) -> Prepared:
     """Resolve the target, plan, model and evaluation data, refusing what cannot be built."""
     from edgeq.bitplan import resolve_plan
     from edgeq.quant import quantizable_layers
@@ -379,11 +394,11 @@ def prepare_build(config: BuildConfig, progress: Optional[Progress], model=None)
     if host_spec is not None and spec.target_json == host_spec.target_json and spec.host_json is None:
         host_spec = None  # the target is this machine under another name
     spec.toolchain.resolve()  # a missing cross compiler fails now, not after quantizing
-    database = None
     if config.tuning_db is not None:  # every library the build compiles takes its schedules: CPU targets only
         from edgeq.lower.tuning_database import TuningDatabase
 
-        database = TuningDatabase.open(config.tuning_db, [s for s in (spec, host_spec) if s], "--tuning-db")
+        database = TuningDatabase.open(database or config.tuning_db, [s for s in (spec, host_spec) if s],
+                                       "--tuning-db")
     plan = None if config.float_model else resolve_plan(config.bits, config.plan)
     if plan is not None:
         check_integer_target(spec, plan)
@@ -405,8 +420,9 @@ def prepare_build(config: BuildConfig, progress: Optional[Progress], model=None)
     return Prepared(config, spec, host_spec, plan, model, model_info, evaluation, database)
 
 
-def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[Progress], model) -> Path:
-    prepared = prepare_build(config, progress, model)
+def _build_holding_lock(config: BuildConfig, out_dir: Path, progress: Optional[Progress], model,
+                        database=None) -> Path:
+    prepared = prepare_build(config, progress, model, database)
     partial = prepare_out_dir(out_dir)
     try:
         manifest = compile_artifact(prepared, partial, out_dir.name, progress)

@@ -111,6 +111,20 @@ def reconstruction_options(command):
                              "auto: when some layer has 4 bits or fewer. Results are cached.")(command)
 
 
+def check_calibration_option(calib: str, count: int | None, seed: int | None) -> None:
+    """The recipe parses and its images exist: checked before the model loads (seconds to a minute)."""
+    from edgeq.data.archive import resolve_data_path
+    from edgeq.data.calibration import resolve_recipe
+
+    resolve_data_path(resolve_recipe(calib, count=count, seed=seed).data)
+
+
+def check_data_option(data: str) -> None:
+    from edgeq.data.archive import resolve_data_path
+
+    resolve_data_path(data)
+
+
 def load_calibration_option(model, calib: str, count: int | None, seed: int | None):
     from edgeq.data import data_config
     from edgeq.data.calibration import load_calibration, resolve_recipe
@@ -146,6 +160,7 @@ def models_command(pattern: str | None) -> None:
     if pattern:
         import timm
 
+        pattern = pattern.lower()  # timm's names are all lower case: "DeiT" finds the deit models
         wildcard = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
         names = timm.list_models(wildcard)
         click.echo(f"\ntimm models matching {wildcard!r}: {len(names)}")
@@ -205,6 +220,11 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
     from edgeq.fileio import atomic_write_json
 
     check_outputs(("--output", output))
+    check_data_option(data)  # cheap checks first: loading a model takes seconds to a minute
+    if quantized is not None and not quantized.exists() and not quantized.is_symlink():
+        from edgeq.errors import QuantizedModelError
+
+        raise QuantizedModelError(f"quantized model {quantized} does not exist")
     model = load_model_option(model_name, checkpoint, random_init or quantized is not None)
     config = data_config(model)
     if quantized is not None:
@@ -271,6 +291,8 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
     if latency_table is not None:
         load_latency_table(latency_table)
     check_outputs(("--out", out), ("--plot", plot))
+    if method != "random":
+        check_calibration_option(calib, calib_count, calib_seed)
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if method != "random":
@@ -315,6 +337,8 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
     plan = resolve_plan(bits, plan_path)
     check_outputs(("--out", out))
     reconstruction = resolve_reconstruction(reconstruct, plan, recon_iters)
+    if calib is not None:
+        check_calibration_option(calib, calib_count, calib_seed)
     model = load_model_option(model_name, checkpoint, random_init)
     images = None
     if calib is not None:
@@ -412,6 +436,39 @@ def stage_progress() -> Iterator:
 
         def update(stage: str, done, total) -> None:
             bar.update(task, description=stage, completed=done or 0, total=total)
+
+        yield update
+
+
+@contextmanager
+def plan_progress() -> Iterator:
+    """``progress(plan, step, done, total)`` for `edgeq profile`: on a terminal a bar with ETA per plan (boards
+    measure plans in parallel), elsewhere a line when a plan's step changes."""
+    if not sys.stderr.isatty():
+        last: dict[str, str] = {}
+
+        def plain(plan: str, step: str, done, total) -> None:
+            if last.get(plan) != step:
+                last[plan] = step
+                unit = {"timing": "rounds", "checking accuracy": "images"}.get(step, "calls")
+                click.echo(f"edgeq: {plan}: {step} ({total} {unit})", err=True)
+
+        yield plain
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, tuple[int, str]] = {}
+
+        def update(plan: str, step: str, done, total) -> None:
+            task, shown = tasks.get(plan) or (bar.add_task(plan, total=None), "")
+            tasks[plan] = (task, step)
+            if step != shown:  # a new step restarts the bar, so the ETA is the step's own
+                bar.reset(task, description=f"{plan}: {step}", completed=done, total=total)
+            else:
+                bar.update(task, completed=done, total=total)
 
         yield update
 
@@ -622,7 +679,9 @@ def profile_command(target, plans, more_plans, model_name, checkpoint, random_in
     config = ProfileConfig(build, plans=list(plans) + list(more_plans), out=out, rpc=rpc, tracker=rpc_tracker,
                            key=rpc_key, repeat=repeat, per_op=per_op, data=data, limit=limit if data else None,
                            latency_table=latency_table)
-    outcome = profile_plans(config, log=lambda message: click.echo(f"edgeq: {message}", err=True))
+    with plan_progress() as progress:
+        outcome = profile_plans(config, log=lambda message: click.echo(f"edgeq: {message}", err=True),
+                                progress=progress)
     click.echo(format_table(outcome.rows))
     click.echo(f"results: {out}/results.json, {out}/results.csv, {out}/pareto.png"
                + (f"; latency table {latency_table}" if latency_table else ""))

@@ -183,3 +183,18 @@ def remove_stale_partials(path: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+def replace_directory(partial: Path, out_dir: Path) -> Path:
+    """Move the finished directory ``partial`` onto ``out_dir``, replacing an earlier one only now (call while
+    holding :func:`exclusive_output`); a recorded interrupt stops it before anything moves."""
+    import shutil
+
+    raise_if_interrupted()
+    old = out_dir.parent / f".{out_dir.name}.{os.getpid()}.old.partial"
+    with deferred():  # the two renames go together: never an interrupt between them
+        if out_dir.exists():
+            out_dir.rename(old)
+        partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir

@@ -2,7 +2,8 @@
 
 For each plan: build an artifact (:func:`edgeq.build.build_artifact`), deploy it (golden batch must match),
 time the entry function on the board with TVM's ``time_evaluator`` (explicit warm-up calls, then ``repeat``
-timed calls after time_evaluator's own discarded one; median and p90 reported), and check accuracy (on-device
+timed calls in up to :data:`MAX_ROUNDS` rounds, one ``time_evaluator`` call each, so a progress bar can follow a
+slow board; median and p90 over every run), and check accuracy (on-device
 top-1 on ``--data``/``--limit`` images and agreement with the host library, else the build's host-library top-1).
 
 Results go to ``OUT/results.json`` and ``OUT/results.csv``, rewritten atomically after every measured plan, so
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import datetime as _dt
 import hashlib
 import io
@@ -40,7 +42,7 @@ import numpy as np
 
 from edgeq.build import BuildConfig
 from edgeq.errors import EdgeqError, RemoteRunError, RemoteUnreachableError
-from edgeq.fileio import atomic_write_json, atomic_write_text, replace_unless_interrupted
+from edgeq.fileio import atomic_write_json, atomic_write_text, read_json, replace_unless_interrupted
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -54,10 +56,25 @@ CSV_COLUMNS = (
     "golden", "board", "artifact", "measured_at",
 )
 
+#: the most ``time_evaluator`` calls one plan's timing is split into (each call runs and discards one more call
+#: before it times its runs: see :func:`timing_rounds`)
+MAX_ROUNDS = 10
+
+#: a build stage that counts its steps (calibration, reconstruction, accuracy) is reported again after this long
+STAGE_LINE_SECONDS = 20.0
+
 Log = Callable[[str], None]
+#: ``progress(step, done, total)`` of one plan's measurement on the board
+StepProgress = Callable[[str, int, int], None]
+#: ``progress(plan, step, done, total)`` of a whole profile, plans measured in parallel
+PlanProgress = Callable[[str, str, int, int], None]
 
 
 def _quiet(_: str) -> None:
+    pass
+
+
+def _no_progress(*_: Any) -> None:
     pass
 
 
@@ -132,12 +149,12 @@ class ResultsBook:
         self.rows: list[dict[str, Any]] = []
         existing = out / RESULTS_JSON
         previous: dict[str, Any] = {}
-        if existing.is_file():
+        if existing.exists() or existing.is_symlink():  # a dangling link or a device is refused, not replaced
+            data = read_json(existing, EdgeqError, "profile results file")
             try:
-                data = json.loads(existing.read_text())
                 self.rows = [r for r in data.get("rows", []) if isinstance(r, dict)]
                 previous = dict(data.get("header") or {})
-            except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            except (ValueError, AttributeError, TypeError):
                 raise EdgeqError(f"{existing} is not a profile results file; choose another --out") from None
         for key in ("model", "target"):
             if previous.get(key) not in (None, header.get(key)):
@@ -168,9 +185,30 @@ class ResultsBook:
 # Measuring one artifact on one board
 
 
-def measure_artifact(artifact, session, config: ProfileConfig) -> dict[str, Any]:
+def timing_rounds(repeat: int, max_rounds: int = MAX_ROUNDS) -> list[int]:
+    """Timed runs per round: ``repeat`` split into at most ``max_rounds`` rounds differing by at most one run."""
+    rounds = max(1, min(repeat, max_rounds))
+    size, extra = divmod(max(repeat, 1), rounds)
+    return [size + (1 if i < extra else 0) for i in range(rounds)]
+
+
+def time_in_rounds(model, x, config: ProfileConfig, progress: StepProgress = _no_progress) -> list[float]:
+    """Seconds of ``config.repeat`` timed runs of ``model(x)``, one ``time_evaluator`` call per round (see
+    :func:`timing_rounds`) so that a slow board shows its progress round by round; every run's own time is kept,
+    so the statistics are those of one call with ``repeat`` runs."""
+    sizes = timing_rounds(config.repeat)
+    seconds: list[float] = []
+    for i, size in enumerate(sizes):
+        seconds += model.time(x, number=1, repeat=size, min_repeat_ms=config.min_repeat_ms)
+        progress("timing", i + 1, len(sizes))
+    return seconds
+
+
+def measure_artifact(artifact, session, config: ProfileConfig,
+                     progress: StepProgress = _no_progress) -> dict[str, Any]:
     """Deploy (golden batch), time and check one artifact (an :class:`edgeq.artifact.Artifact` or its directory)
-    on an open session; the row's measured fields."""
+    on an open session; the row's measured fields. ``progress(step, done, total)`` follows the warm-up calls, the
+    timing rounds and the board's accuracy check."""
     from edgeq.artifact import Accuracy, Artifact, load_artifact
     from edgeq.check import check_on_board
     from edgeq.deploy import deploy_artifact
@@ -183,10 +221,11 @@ def measure_artifact(artifact, session, config: ProfileConfig) -> dict[str, Any]
     inputs, _ = artifact.golden()
     manifest = artifact.manifest
     x = inputs[:manifest.batch]
-    for _ in range(max(0, config.warmup)):
+    warmup = max(0, config.warmup)
+    for i in range(warmup):
         model(x)
-    seconds = model.time(x, number=1, repeat=config.repeat, min_repeat_ms=config.min_repeat_ms)
-    ms = np.array(seconds) * 1e3
+        progress("warm-up", i + 1, warmup)
+    ms = np.array(time_in_rounds(model, x, config, progress)) * 1e3
     info = session.info()
     row: dict[str, Any] = {
         "artifact": str(artifact.dir),
@@ -203,7 +242,8 @@ def measure_artifact(artifact, session, config: ProfileConfig) -> dict[str, Any]
         "weight_bytes": int(manifest.weights.bytes or 0) if manifest.weights is not None else 0,
     }
     if config.data:
-        checked = check_on_board(artifact, session, config.data, config.limit, model=model)
+        checked = check_on_board(artifact, session, config.data, config.limit, model=model,
+                                 progress=lambda done, total: progress("checking accuracy", done, total))
         row.update(accuracy_top1=checked.device_top1, host_top1=checked.host_top1,
                    accuracy_source=f"board, {checked.images} images of {config.data}",
                    agreement=checked.to_json()["agreement"], check=checked.to_json())
@@ -221,6 +261,9 @@ def measure_artifact(artifact, session, config: ProfileConfig) -> dict[str, Any]
         except RemoteRunError:
             raise
         except Exception as err:  # noqa: BLE001 - the plan's latency and accuracy stand without it
+            from edgeq.interrupt import raise_if_interrupted
+
+            raise_if_interrupted()  # a Ctrl-C that TVM turned into an error is not a kernel's failure
             row["per_op_error"] = f"{type(err).__name__}: {err}"
     return row
 
@@ -274,11 +317,17 @@ def build_plan(job: PlanJob, config: ProfileConfig, out: Path, log: Log) -> Path
     # with --data the board's accuracy is measured on those images: the build's own evaluation would repeat it
     skip_eval = {"eval_limit": 0} if config.data else {}
     stages: list[str] = []
+    last_line = [started]
 
-    def stage_line(stage: str, _done, _total) -> None:  # a build takes minutes: say which stage it is in
+    def stage_line(stage: str, done, total) -> None:  # a build takes minutes: say which stage it is in
+        now = time.monotonic()
         if not stages or stages[-1] != stage:
             stages.append(stage)
-            log(f"{job.path.name}: {stage} ({time.monotonic() - started:.0f} s)")
+            log(f"{job.path.name}: {stage} ({now - started:.0f} s)")
+            last_line[0] = now
+        elif total and done is not None and now - last_line[0] >= STAGE_LINE_SECONDS:
+            log(f"{job.path.name}: {stage} {done}/{total} ({now - started:.0f} s)")  # a long stage that counts
+            last_line[0] = now
 
     build_artifact(dataclasses.replace(config.build, plan=str(job.path), **skip_eval), folder, progress=stage_line)
     log(f"{job.path.name}: built in {time.monotonic() - started:.0f} s")
@@ -299,17 +348,18 @@ class ProfileOutcome:
     boards: int = 1
 
 
-def profile_plans(config: ProfileConfig, log: Log = _quiet) -> ProfileOutcome:
-    """Run the profile (see module doc). Raises :class:`RemoteRunError` (71) when a board dies, after writing
+def profile_plans(config: ProfileConfig, log: Log = _quiet, progress: PlanProgress = _no_progress) -> ProfileOutcome:
+    """Run the profile (see module doc); ``progress(plan, step, done, total)`` follows each plan's warm-up, timing
+    rounds and accuracy check on its board (from the boards' threads). Raises :class:`RemoteRunError` (71) when a board dies, after writing
     every row measured before; :class:`RemoteUnreachableError` (70) when no board answers; :class:`OutputBusyError`
     (4) at once when another edgeq process profiles into the same ``--out``."""
     from edgeq.fileio import exclusive_output
 
     with exclusive_output(Path(config.out), "--out"):
-        return _profile_holding_lock(config, log)
+        return _profile_holding_lock(config, log, progress)
 
 
-def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
+def _profile_holding_lock(config: ProfileConfig, log: Log, progress: PlanProgress) -> ProfileOutcome:
     from edgeq.artifact import load_artifact
     from edgeq.remote.session import connect
     from edgeq.targets import load_target
@@ -330,6 +380,10 @@ def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
     skipped = [str(job.path) for job in jobs if job.hash in done]
     for name in skipped:
         log(f"{Path(name).name}: already measured (results.json), skipped")
+    if todo and config.data:  # --data that is not there fails now, not after the first build (each build checks
+        from edgeq.data.archive import resolve_data_path  # its own inputs before loading the model)
+
+        resolve_data_path(config.data)
     boards = count_boards(config) if todo else 1
     workers = min(boards, len(todo)) if todo else 0
     work: queue.Queue = queue.Queue()
@@ -348,7 +402,8 @@ def _profile_holding_lock(config: ProfileConfig, log: Log) -> ProfileOutcome:
                                       env=config.env, timeout=120.0)
                 log(f"{job.path.name}: measuring on {session.server[0]}:{session.server[1]}")
                 artifact = load_artifact(job.artifact)
-                row = {**_row_base(job, artifact.manifest), **measure_artifact(artifact, session, config),
+                steps = functools.partial(progress, job.path.name)
+                row = {**_row_base(job, artifact.manifest), **measure_artifact(artifact, session, config, steps),
                        "measured_at": _now()}
                 book.add(row)
                 log(f"{job.path.name}: {row['latency_median_ms']:.3f} ms median ({row['timing']}), "

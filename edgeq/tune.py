@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,13 +40,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
+from edgeq.lower.tuning_database import LOG_FILE, check_database_dir, writing_database
 from edgeq.remote.session import RemoteAddress, resolve_address
 
 __all__ = ["TuneResult", "tune_module", "tune_onnx", "tune_source", "tunable_tasks", "default_database"]
 
 _BUILD_FUNC = "edgeq.tune.build"
 _EXPORT_FUNC = "edgeq.tune.export"
-LOG_FILE = "tuning.log"
 #: MetaSchedule's run time for a candidate that failed to build or run
 _FAILED_RUN = 1e9
 #: seconds a board may take to load and time one candidate (an emulated board is slow)
@@ -171,7 +172,7 @@ def _check_measurable(spec, board: RemoteAddress | None) -> None:
     if board is None and spec.arch != host_arch:
         raise EdgeqError(f"tuning for {spec.name} ({spec.arch}) measures candidates on the board: give it with "
                          "--rpc HOST:PORT or --rpc-tracker HOST[:PORT] (this machine is "
-                         f"{host_arch})")
+                         f"{host_arch}; `edgeq board start --emulated` runs an emulated aarch64 board here)")
 
 
 def tune_module(mod, target: str, database: str | os.PathLike, *, trials: int = 64, seed: int = 0,
@@ -307,30 +308,41 @@ def tune_onnx(onnx_path: str | os.PathLike, target: str, database: str | os.Path
     spec = load_target(target)  # a bad target name fails here, with the known boards listed
     if not Path(onnx_path).is_file():
         raise EdgeqError(f"no ONNX model at {onnx_path}")
+    database = Path(database)
+    check_database_dir(database)
     board = None
     if rpc or tracker:
         board = resolve_address(rpc, tracker, key, default_key=spec.rpc_key)
         _board_reachable(spec, board)
     _check_measurable(spec, board)
-    database = Path(database)
-    with tempfile.TemporaryDirectory(prefix="edgeq-tune-") as tmp:
+    with writing_database(database) as partial, tempfile.TemporaryDirectory(prefix="edgeq-tune-") as tmp:
         child_spec = Path(tmp) / "spec.json"
-        child_spec.write_text(json.dumps({"onnx": str(onnx_path), "target": str(target), "database": str(database),
+        child_spec.write_text(json.dumps({"onnx": str(onnx_path), "target": str(target), "database": str(partial),
                                           "trials": int(trials), "integer": integer, "seed": seed,
                                           "board": asdict(board) if board else None}))
         proc = subprocess.run([sys.executable, "-c", "import sys, edgeq.tune as t; sys.exit(t._child(sys.argv[1]))",
                                str(child_spec)], capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        if proc.returncode < 0:
-            import tvm_ffi
-
-            raise EdgeqError(f"MetaSchedule crashed (signal {-proc.returncode}) while tuning {onnx_path} with "
-                             f"apache-tvm-ffi {getattr(tvm_ffi, '__version__', '?')} (0.1.15 is known to crash; "
-                             "edgeq pins 0.1.14.post1: rerun ./setup.sh); builds without a tuning database are "
-                             "not affected")
-        prefix = "edgeq: error: "
-        last = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise EdgeqError(f"tuning {onnx_path} failed: {last[len(prefix):] if last.startswith(prefix) else last}")
+        if proc.returncode:
+            _raise_child_failure(proc, onnx_path, partial)
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     return TuneResult(database, info["tasks"], int(trials), info["records"], info["measured_on"])
+
+
+def _raise_child_failure(proc: subprocess.CompletedProcess, onnx_path, partial: Path) -> None:
+    """The tuning child's failure as one :class:`EdgeqError`; its log, which goes with the partial database, is
+    kept in a temporary folder and named."""
+    if (partial / LOG_FILE).is_file():
+        kept = Path(tempfile.mkdtemp(prefix="edgeq-tune-log-")) / LOG_FILE
+        shutil.copyfile(partial / LOG_FILE, kept)
+        proc.stderr = proc.stderr.replace(str(partial / LOG_FILE), str(kept))
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    if proc.returncode < 0:
+        import tvm_ffi
+
+        raise EdgeqError(f"MetaSchedule crashed (signal {-proc.returncode}) while tuning {onnx_path} with "
+                         f"apache-tvm-ffi {getattr(tvm_ffi, '__version__', '?')} (0.1.15 is known to crash; "
+                         "edgeq pins 0.1.14.post1: rerun ./setup.sh); builds without a tuning database are "
+                         "not affected")
+    prefix = "edgeq: error: "
+    last = lines[-1] if lines else f"exit code {proc.returncode}"
+    raise EdgeqError(f"tuning {onnx_path} failed: {last[len(prefix):] if last.startswith(prefix) else last}")

@@ -23,6 +23,8 @@ def test_models_lists_reference_models(capsys) -> None:
 def test_models_timm_matches_a_plain_word_as_a_substring(capsys) -> None:
     code, out, _ = run_cli(capsys, "models", "--timm", "deit")
     assert code == 0 and "deit_tiny_patch16_224" in out and "deit_small_patch16_224" in out
+    code, out, _ = run_cli(capsys, "models", "--timm", "DeiT_Tiny")  # names are lower case; a capital is no miss
+    assert code == 0 and "deit_tiny_patch16_224" in out and "deit_small_patch16_224" not in out
     code, out, _ = run_cli(capsys, "models", "--timm", "no-such-net")
     assert code == 0 and ": 0" in out and "deit_tiny_patch16_224" in out  # the hint names a real one
 

@@ -10,7 +10,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import pytest
 
@@ -22,6 +22,11 @@ NOT_UTF8 = b"\xff\xfe\x80 not text \xc3\x28"
 DEEP_JSON = "[" * 100_000
 DEEP_YAML = "a: " + "[" * 100_000
 SMALL_LIMIT = "64"  # EDGEQ_MAX_TEXT_BYTES for the "huge" cases: a real input of any size above it is refused
+TARGET_LIMIT = "4096"  # the same for commands that also read a bundled target file (targets/host.yaml)
+
+
+#: a file's bytes, or a function making them when the test runs (some need a model)
+Content = Union[bytes, Callable[[], bytes]]
 
 
 @dataclass(frozen=True)
@@ -31,9 +36,12 @@ class Reader:
     file_name: str
     command: Callable[[Path, Path], list[str]]  # (input path, tmp folder) -> argv
     exit_code: int
-    wrong_types: Optional[bytes]  # well-formed content of the wrong shape
+    wrong_types: Optional[Content]  # well-formed content of the wrong shape
     huge: Optional[bytes]  # well-formed content above SMALL_LIMIT (text readers)
     text: bool = True
+    deep: Optional[Content] = None  # deep nesting inside a binary format (text readers get DEEP_JSON/DEEP_YAML)
+    not_cases: tuple[str, ...] = ()  # cases that are no error for this reader ("missing" for a new results folder)
+    limit: str = SMALL_LIMIT  # EDGEQ_MAX_TEXT_BYTES for "huge": above the other text files the command reads
 
 
 def quantize_with_plan(path: Path, tmp: Path) -> list[str]:
@@ -60,7 +68,7 @@ def inspect_manifest(path: Path, tmp: Path) -> list[str]:
 
 
 def eval_with_checkpoint(path: Path, tmp: Path) -> list[str]:
-    return ["eval", "--model", "edgeq/vit-cifar10", "--checkpoint", str(path), "--data", str(tmp / "unused"),
+    return ["eval", "--model", "edgeq/vit-cifar10", "--checkpoint", str(path), "--data", str(path.parent),
             "--output", str(tmp / "out" / "r.json")]
 
 
@@ -72,6 +80,46 @@ def eval_on_image(path: Path, tmp: Path) -> list[str]:
 def eval_on_archive(path: Path, tmp: Path) -> list[str]:
     return ["eval", "--model", "edgeq/vit-cifar10", "--random-init", "--data", str(path),
             "--output", str(tmp / "out" / "r.json")]
+
+
+def eval_with_quantized(path: Path, tmp: Path) -> list[str]:
+    return ["eval", "--model", "edgeq/vit-cifar10", "--quantized", str(path), "--data", str(path.parent),
+            "--output", str(tmp / "out" / "r.json")]
+
+
+def profile_into_results(path: Path, tmp: Path) -> list[str]:
+    """`edgeq profile` into a results folder whose earlier results.json is the input under attack (read before
+    any board is reached: the address given answers nothing)."""
+    plan = path.parent.parent / "plan.json"
+    plan.write_bytes(plan_json())
+    return ["profile", "--target", "host", "--plans", str(plan), "--rpc", "127.0.0.1:9", "--out", str(path.parent)]
+
+
+def build_with_tuning_db(path: Path, tmp: Path) -> list[str]:
+    """`edgeq build --tuning-db DIR` with the database's record file under attack (its workload file is fine)."""
+    (path.parent / "database_workload.json").touch()
+    return ["build", "--target", "host", "--random-init", "--tuning-db", str(path.parent),
+            "--out", str(tmp / "out" / "art")]
+
+
+def quantized_metadata(layers_of: Callable[[list[str], str], object] | None = None, raw: str | None = None) -> bytes:
+    """A safetensors file with edgeq's metadata for edgeq/vit-cifar10: its layers as ``layers_of(names, class)``
+    makes them, or the metadata text ``raw``."""
+    import io
+
+    import torch
+    from safetensors.torch import save
+
+    from edgeq.models import create_model
+    from edgeq.quant.convert import quantizable_layers
+    from edgeq.quant.qmodel import FORMAT, FORMAT_VERSION
+
+    if raw is None:
+        model = create_model("edgeq/vit-cifar10", pretrained=False)
+        model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+        raw = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "model": {"class": model_class},
+                          "layers": layers_of(quantizable_layers(model), model_class)})
+    return save({"x": torch.zeros(1)}, metadata={"edgeq": raw})
 
 
 def plan_json(padding: int = 0) -> bytes:
@@ -127,6 +175,19 @@ READERS = {
     "checkpoint": Reader("weights.pth", eval_with_checkpoint, 11, wrong_types=saved_list(), huge=None, text=False),
     "image": Reader("c0/0000.png", eval_on_image, 13, wrong_types=None, huge=png_header(20000, 10000), text=False),
     "archive": Reader("data.tar.gz", eval_on_archive, 13, wrong_types=tar_without_classes(), huge=None, text=False),
+    # every layer present, with a string where bits go (used to fail deep inside PyTorch)
+    "quantized model": Reader("q.safetensors", eval_with_quantized, 22, text=False, huge=None,
+                              wrong_types=lambda: quantized_metadata(lambda names, _: {
+                                  n: {"kind": "conv" if n == "patch_embed.proj" else "matmul" if "matmul" in n
+                                      else "linear", "w_bits": "eight", "a_bits": 8} for n in names}),
+                              deep=lambda: quantized_metadata(raw="[" * 100_000)),
+    "profile results": Reader("results/results.json", profile_into_results, 1, not_cases=("missing",),
+                              wrong_types=b'{"header": "rasp4", "rows": 5}',
+                              huge=b'{"header": {}, "rows": []}' + b" " * 5000, limit=TARGET_LIMIT),
+    # a record MetaSchedule's loader refuses (it names a workload the database does not have)
+    "tuning database": Reader("db/database_tuning_record.json", build_with_tuning_db, 1, not_cases=("empty",),
+                              wrong_types=b'[0, [[], [1.0], {"kind": "llvm"}, []]]\n', huge=b"\n" * 5000,
+                              limit=TARGET_LIMIT),
 }
 
 CASES = ["missing", "empty", "not utf-8", "wrong types", "deep nesting", "huge", "link to a device",
@@ -143,7 +204,9 @@ def place(reader: Reader, case: str, tmp: Path, monkeypatch) -> Optional[Path]:
         path.unlink()
     content = {"empty": b"", "not utf-8": NOT_UTF8, "wrong types": reader.wrong_types, "huge": reader.huge,
                "deep nesting": (DEEP_YAML if reader.file_name.endswith(".yaml") else DEEP_JSON).encode()
-               if reader.text else None}
+               if reader.text else reader.deep}
+    if case in reader.not_cases:
+        return None
     if reader.file_name.endswith(".png"):
         if case == "missing":  # the data folder itself
             path.parent.rmdir()
@@ -164,8 +227,8 @@ def place(reader: Reader, case: str, tmp: Path, monkeypatch) -> Optional[Path]:
     if content[case] is None:
         return None
     if case == "huge" and reader.text:
-        monkeypatch.setenv("EDGEQ_MAX_TEXT_BYTES", SMALL_LIMIT)
-    path.write_bytes(content[case])
+        monkeypatch.setenv("EDGEQ_MAX_TEXT_BYTES", reader.limit)
+    path.write_bytes(content[case]() if callable(content[case]) else content[case])
     return path
 
 
@@ -257,3 +320,31 @@ def test_usage_errors_are_one_line(capsys, argv) -> None:
 def test_a_deeply_nested_json_target_on_the_command_line_is_one_line(capsys) -> None:
     code, _, err = run_cli(capsys, "targets", "{\"kind\": " + "[" * 50_000 + "]" * 50_000 + "}")
     assert code == 60 and len(err.strip().splitlines()) == 1 and "nested too deeply" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "M", "--random-init", "--data", "{missing}"],
+    ["eval", "--model", "M", "--data", "{tmp}", "--quantized", "{missing}"],
+    ["quantize", "--model", "M", "--random-init", "--calib", "{missing}", "--out", "{tmp}/q.safetensors"],
+    ["plan", "--model", "M", "--random-init", "--calib", "{missing}", "--budget", "avg-bits=6",
+     "--out", "{tmp}/p.json"],
+    ["build", "--model", "M", "--random-init", "--calib", "{missing}", "--target", "host", "--out", "{tmp}/art"],
+    ["build", "--model", "M", "--random-init", "--eval-data", "{missing}", "--target", "host",
+     "--out", "{tmp}/art"],
+])
+def test_missing_inputs_are_refused_before_the_model_loads(capsys, tmp_path, monkeypatch, argv) -> None:
+    """Cheap checks first: loading a model takes seconds (a large timm model, a minute)."""
+    import edgeq.build
+    import edgeq.cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(edgeq.cli, "load_model_option", no_loading)
+    monkeypatch.setattr(edgeq.build, "load_model", no_loading)
+    monkeypatch.setenv("EDGEQ_DATA", str(tmp_path))
+    values = {"{missing}": str(tmp_path / "missing"), "{tmp}": str(tmp_path), "M": "edgeq/vit-cifar10"}
+    argv = [values.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code in (13, 22) and "does not exist" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

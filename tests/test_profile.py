@@ -9,6 +9,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from board_fixtures import RUNTIME_ONLY, make_artifact
@@ -130,8 +131,8 @@ def test_board_dying_mid_profile_keeps_rows_and_resumes(lab, tiny_builds, tmp_pa
     real = profile_module.measure_artifact
     measured: list[str] = []
 
-    def measure_then_die(artifact_dir, session, config):
-        row = real(artifact_dir, session, config)
+    def measure_then_die(artifact_dir, session, config, progress):
+        row = real(artifact_dir, session, config, progress)
         measured.append(artifact_dir.name)
         if len(measured) == 1:
             board.stop()  # the board goes away after the first plan
@@ -216,6 +217,26 @@ def test_results_of_another_target_are_not_mixed(tmp_path) -> None:
         profile_module.ResultsBook(tmp_path, {"model": "m", "target": "host"})
 
 
+def test_a_build_reports_each_stage_and_long_counted_stages_as_they_go(tmp_path, monkeypatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(profile_module.time, "monotonic", lambda: clock[0])
+
+    def build(config, folder, progress=None):
+        for stage, done, total, seconds in [("loading model", None, None, 2), ("quantizing", 1, 38, 5),
+                                            ("quantizing", 2, 38, 10), ("quantizing", 30, 38, 10),
+                                            ("quantizing", 38, 38, 30), ("compiling for rasp4", None, None, 0)]:
+            clock[0] += seconds
+            progress(stage, done, total)
+
+    monkeypatch.setattr("edgeq.build.build_artifact", build)
+    lines: list[str] = []
+    job = profile_module.PlanJob(write_plans(tmp_path, 1)[0], "0123456789abcdef", {})
+    profile_module.build_plan(job, ProfileConfig(HOST_BUILD, plans=[], out=tmp_path), tmp_path, lines.append)
+    assert lines == ["plan0.json: building for host", "plan0.json: loading model (2 s)", "plan0.json: quantizing (7 s)",
+                     "plan0.json: quantizing 30/38 (27 s)", "plan0.json: quantizing 38/38 (57 s)",
+                     "plan0.json: compiling for rasp4 (57 s)", "plan0.json: built in 57 s"]
+
+
 def test_each_plan_is_built_as_the_profile_build_config_says(tmp_path, monkeypatch) -> None:
     built = []
     monkeypatch.setattr("edgeq.build.build_artifact", lambda config, folder, progress=None: built.append(config))
@@ -226,3 +247,70 @@ def test_each_plan_is_built_as_the_profile_build_config_says(tmp_path, monkeypat
         config = ProfileConfig(build, plans=[plan], out=tmp_path, data=data)
         profile_module.build_plan(job, config, tmp_path, lambda _: None)
         assert built.pop() == dataclasses.replace(build, plan=str(plan), eval_limit=eval_limit)
+
+
+@pytest.mark.parametrize("repeat, rounds", [(2, [1, 1]), (5, [1] * 5), (10, [1] * 10), (23, [3, 3, 3] + [2] * 7),
+                                            (100, [10] * 10)])
+def test_timing_rounds_split_the_runs(repeat, rounds) -> None:
+    assert profile_module.timing_rounds(repeat) == rounds and sum(rounds) == repeat
+
+
+def test_timing_calls_the_evaluator_once_per_round_and_keeps_every_run() -> None:
+    class Model:
+        calls: list = []
+
+        def time(self, x, *, number, repeat, min_repeat_ms):
+            self.calls.append((number, repeat, min_repeat_ms))
+            return [0.001 * (len(self.calls) * 10 + i) for i in range(repeat)]
+
+    model, steps = Model(), []
+    config = ProfileConfig(HOST_BUILD, plans=[], out=".", repeat=23, min_repeat_ms=7)
+    seconds = profile_module.time_in_rounds(model, None, config, lambda *step: steps.append(step))
+    assert model.calls == [(1, 3, 7)] * 3 + [(1, 2, 7)] * 7
+    assert len(seconds) == 23 and seconds[:4] == [0.010, 0.011, 0.012, 0.020]
+    assert steps == [("timing", i, 10) for i in range(1, 11)]
+
+
+def test_progress_follows_warm_up_rounds_and_accuracy_per_plan(lab, tiny_builds, tmp_path, monkeypatch) -> None:
+    from edgeq import check
+
+    monkeypatch.setattr(check, "load_images", lambda artifact, data, limit, seed=0: (None, list(range(3))))
+    monkeypatch.setattr(check, "image_batches", lambda dataset, indices, batch: iter(
+        [([i], np.zeros((1, 3, 32, 32), "float32"), [0]) for i in indices]))
+    steps: list[tuple] = []
+    plans = write_plans(tmp_path, 2)
+    outcome = profile_plans(ProfileConfig(HOST_BUILD, plans=plans, out=tmp_path / "r", **at(lab), repeat=4, warmup=2,
+                                          data=str(tmp_path), limit=3), progress=lambda *step: steps.append(step))
+    assert all(row["repeat"] == 4 and len(row["latency_all_ms"]) == 4 for row in outcome.rows)
+    for plan in ("plan0.json", "plan1.json"):
+        assert [s[1:] for s in steps if s[0] == plan] == [
+            ("warm-up", 1, 2), ("warm-up", 2, 2), *[("timing", i, 4) for i in range(1, 5)],
+            *[("checking accuracy", i, 3) for i in range(1, 4)]]
+
+
+def test_cli_plan_progress_prints_a_line_per_step_without_a_terminal(capsys, monkeypatch) -> None:
+    import sys
+
+    from edgeq.cli import plan_progress
+
+    calls = [("a.json", "warm-up", 1, 2), ("a.json", "warm-up", 2, 2), ("a.json", "timing", 1, 5),
+             ("b.json", "timing", 1, 5), ("a.json", "timing", 2, 5), ("a.json", "checking accuracy", 1, 20)]
+    with plan_progress() as progress:
+        for call in calls:
+            progress(*call)
+    assert capsys.readouterr().err.splitlines() == [
+        "edgeq: a.json: warm-up (2 calls)", "edgeq: a.json: timing (5 rounds)", "edgeq: b.json: timing (5 rounds)",
+        "edgeq: a.json: checking accuracy (20 images)"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with plan_progress() as progress:  # the rich bars: one per plan, restarted per step
+        for call in calls:
+            progress(*call)
+
+
+def test_missing_data_fails_before_any_build(tiny_builds, tmp_path) -> None:
+    from edgeq.errors import DataError
+
+    with pytest.raises(DataError, match="does not exist"):
+        profile_plans(ProfileConfig(HOST_BUILD, plans=write_plans(tmp_path, 1), out=tmp_path / "r",
+                                    rpc="127.0.0.1:9", env={}, data=str(tmp_path / "nowhere")))
+    assert tiny_builds == []

@@ -82,6 +82,7 @@ def test_unreachable_rpc_server_is_exit_code_70() -> None:
         connect(rpc=f"127.0.0.1:{port}", env={})
     assert caught.value.exit_code == 70
     assert f"127.0.0.1:{port}" in str(caught.value) and "refused" in str(caught.value)
+    assert "`edgeq board start --emulated`" in str(caught.value)  # a board-less user is told what to do
     assert time.monotonic() - started < 15
 
 

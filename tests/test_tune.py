@@ -151,7 +151,7 @@ def test_tune_command_on_a_board_given_directly(layer_norm_onnx, tmp_path, capsy
 def test_tuning_for_an_arm_board_needs_the_board(layer_norm_onnx, tmp_path) -> None:
     from edgeq.tune import tune_onnx
 
-    with pytest.raises(EdgeqError, match="measures candidates on the board.*--rpc"):
+    with pytest.raises(EdgeqError, match="measures candidates on the board.*--rpc.*edgeq board start --emulated"):
         tune_onnx(layer_norm_onnx, "rasp4", tmp_path / "db", trials=1)
     assert not (tmp_path / "db").exists()
 
@@ -181,3 +181,127 @@ def test_a_failed_tuning_names_the_last_candidates_error(tmp_path) -> None:
     assert _last_error(tmp_path / "none.log") == "no log"
     # a budget reaches every task before any task gets a second round
     assert (_trials_per_round(192, 95), _trials_per_round(4, 19), _trials_per_round(1000, 10)) == (2, 1, 16)
+
+
+# --- the database is written as an artifact is: one writer, replaced only when a tune succeeds ------------------
+
+EARLIER = {"database_workload.json": b'["earlier workload"]\n', "database_tuning_record.json": b'[0, "earlier"]\n',
+           "tuning.log": b"earlier log\n"}
+
+
+def earlier_database(folder: Path) -> Path:
+    folder.mkdir()
+    for name, data in EARLIER.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
+
+
+@pytest.fixture
+def fake_child(monkeypatch):
+    """Replace the tuning child process by ``behave(partial_database)``, which returns its exit code; the
+    folders it was handed are recorded."""
+    import subprocess
+
+    import edgeq.tune as tune
+
+    seen: list[Path] = []
+    behaviour = {}
+
+    def run(argv, **kwargs):
+        partial = Path(json.loads(Path(argv[-1]).read_text())["database"])
+        seen.append(partial)
+        code, stderr = behaviour["behave"](partial)
+        stdout = json.dumps({"tasks": 1, "records": 2, "measured_on": "this machine"}) + "\n" if code == 0 else ""
+        return subprocess.CompletedProcess(argv, code, stdout, stderr)
+
+    monkeypatch.setattr(tune.subprocess, "run", run)
+
+    def set_behaviour(behave):
+        behaviour["behave"] = behave
+        return seen
+    return set_behaviour
+
+
+def tune_cli(capsys, onnx: Path, database: Path) -> tuple[int, str, str]:
+    return run_cli(capsys, "tune", str(onnx), "--target", "host", "--trials", "2", "--out", str(database))
+
+
+def test_a_tune_adds_to_a_copy_of_the_database_and_replaces_it_when_done(fake_child, layer_norm_onnx, tmp_path,
+                                                                          capsys) -> None:
+    database = earlier_database(tmp_path / "db")
+
+    def add_records(partial: Path):
+        assert contents(partial) == EARLIER and partial.parent == tmp_path and partial.name.endswith(".partial")
+        with open(partial / "database_tuning_record.json", "ab") as handle:
+            handle.write(b'[0, "new"]\n')
+        return 0, ""
+
+    seen = fake_child(add_records)
+    code, out, err = tune_cli(capsys, layer_norm_onnx, database)
+    assert code == 0, err
+    assert contents(database)["database_tuning_record.json"] == b'[0, "earlier"]\n[0, "new"]\n'
+    assert not seen[0].exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_an_interrupted_tune_leaves_the_earlier_database_byte_identical(fake_child, layer_norm_onnx, tmp_path,
+                                                                         capsys, signum, code) -> None:
+    import os
+
+    database = earlier_database(tmp_path / "db")
+
+    def half_written_then_interrupted(partial: Path):
+        (partial / "database_tuning_record.json").write_bytes(b"[0, ")  # a record cut short
+        os.kill(os.getpid(), signum)
+        return 0, ""
+
+    fake_child(half_written_then_interrupted)
+    status, out, err = tune_cli(capsys, layer_norm_onnx, database)
+    assert status == code and "Traceback" not in err and out == ""
+    assert contents(database) == EARLIER and leftovers(tmp_path) == []
+
+
+def test_a_failed_tune_keeps_the_earlier_database_and_names_its_log(fake_child, layer_norm_onnx, tmp_path,
+                                                                     capsys) -> None:
+    database = earlier_database(tmp_path / "db")
+
+    def fail(partial: Path):
+        (partial / "tuning.log").write_text("Error in running:\nSubprocess terminated\n")
+        return 1, f"edgeq: error: no candidate built and ran: running (log: {partial / 'tuning.log'})\n"
+
+    fake_child(fail)
+    code, _, err = tune_cli(capsys, layer_norm_onnx, database)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "no candidate built and ran" in err
+    log = Path(err.rsplit("(log: ", 1)[1].split(")")[0])
+    assert log.read_text().endswith("Subprocess terminated\n") and tmp_path not in log.parents
+    assert contents(database) == EARLIER and leftovers(tmp_path) == []
+
+
+def test_a_second_tune_into_a_busy_database_fails_at_once(fake_child, layer_norm_onnx, tmp_path, capsys) -> None:
+    from edgeq.fileio import exclusive_output
+
+    database = earlier_database(tmp_path / "db")
+    seen = fake_child(lambda partial: (0, ""))
+    with exclusive_output(database, "--out"):  # as another `edgeq tune` holding it
+        code, out, err = tune_cli(capsys, layer_norm_onnx, database)
+    assert code == 4 and out == "" and len(err.strip().splitlines()) == 1
+    assert "is being written by edgeq pid" in err and seen == []
+    assert contents(database) == EARLIER and leftovers(tmp_path) == []
+
+
+def test_a_tune_refuses_a_folder_that_holds_more_than_a_database(fake_child, layer_norm_onnx, tmp_path,
+                                                                  capsys) -> None:
+    folder = earlier_database(tmp_path / "db")
+    (folder / "notes.txt").write_text("mine")
+    seen = fake_child(lambda partial: (0, ""))
+    code, _, err = tune_cli(capsys, layer_norm_onnx, folder)
+    assert code == 3 and "notes.txt" in err and len(err.strip().splitlines()) == 1 and seen == []
+    assert (folder / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []

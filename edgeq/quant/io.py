@@ -22,7 +22,7 @@ from torch import nn
 from edgeq.errors import QuantizedModelError
 from edgeq.fileio import replace_unless_interrupted
 from edgeq.quant.qmodel import FORMAT, FORMAT_VERSION, QuantizedModel
-from edgeq.quant.convert import check_supported, convert, quantizable_layers
+from edgeq.quant.convert import _walk, check_supported, convert, quantizable_layers
 from edgeq.quant.modules import LayerSpec
 
 FILE_NAME = "q.safetensors"
@@ -55,7 +55,9 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     """(tensors, metadata) of a quantized-model file, or QuantizedModelError."""
     target = quantized_path(path)
     if not target.is_file():
-        raise QuantizedModelError(f"quantized model {target} does not exist")
+        exists = target.exists()
+        raise QuantizedModelError(f"quantized model {target} " + ("is not a regular file" if exists else
+                                                                  "does not exist"))
     try:
         with safe_open(str(target), framework="pt") as handle:
             raw = handle.metadata() or {}
@@ -74,6 +76,35 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("layers"), dict):
         raise QuantizedModelError(f"{target} has malformed edgeq quantization metadata")
     return tensors, meta
+
+
+def _check_spec(target: Path, spec: LayerSpec, kind: str, model: nn.Module) -> None:
+    """A stored layer spec of the right kind and field types: the file is read into modules built from it, so a
+    wrong type would otherwise fail deep inside PyTorch."""
+    def is_int(value, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    problems = [
+        ("kind", spec.kind != kind),
+        ("w_bits", not (spec.w_bits is None if kind == "matmul" else is_int(spec.w_bits, 2, 8))),
+        ("a_bits", not is_int(spec.a_bits, 2, 8)),
+        ("log2_frac_bits", not is_int(spec.log2_frac_bits, 1, 16)),
+        *((name, not isinstance(getattr(spec, name), bool)) for name in ("weight_symmetric", "act_symmetric", "log2")),
+        ("norm", spec.norm is not None and not (isinstance(spec.norm, str)
+                                                and isinstance(_submodule(model, spec.norm), nn.LayerNorm))),
+    ]
+    for field, wrong in problems:
+        if wrong:
+            raise QuantizedModelError(f"{target} has malformed layer metadata: {spec.name} {field} "
+                                      f"{getattr(spec, field)!r}" + (f" (the model's layer is {kind})"
+                                                                     if field == "kind" else ""))
+
+
+def _submodule(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def load_quantized(path: str | os.PathLike, model: nn.Module) -> QuantizedModel:
@@ -101,6 +132,9 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> QuantizedModel:
         specs = {name: LayerSpec.from_json(name, data) for name, data in meta["layers"].items()}
     except TypeError as exc:
         raise QuantizedModelError(f"{target} has malformed layer metadata ({exc})") from None
+    kinds = dict(_walk(model))
+    for spec in specs.values():
+        _check_spec(target, spec, kinds[spec.name], model)
     convert(model, specs)
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]

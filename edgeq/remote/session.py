@@ -335,7 +335,9 @@ def check_listening(host: str, port: int, timeout: float, where: str) -> None:
         with socket.create_connection((host, port), timeout=min(timeout, 10.0)):
             pass  # the server reads a magic number; a closed socket just makes it go back to accept()
     except OSError as err:
-        raise RemoteUnreachableError(f"cannot reach the {where}: {_reason(err)}") from None
+        hint = ("; with no board at hand, `edgeq board start --emulated` runs an emulated aarch64 one here"
+                if isinstance(err, ConnectionRefusedError) else "")
+        raise RemoteUnreachableError(f"cannot reach the {where}: {_reason(err)}{hint}") from None
 
 
 @dataclass(frozen=True)
