@@ -58,7 +58,7 @@ def build_child(spec_path: str) -> int:
     _set_threads(spec["threads"])
     sys.path.insert(0, str(ROOT))
     start = time.perf_counter()
-    from edgeq.compile import export_library
+    from edgeq.compile.library import export_library
     from edgeq.lower.kernels.runner import host_target
     from edgeq.lower.pipeline import compile_relax
     from edgeq.lower.relax_import import import_onnx

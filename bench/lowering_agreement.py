@@ -2,7 +2,7 @@
 
 For one reference model and one bit plan: calibrate and quantize (lrp-qvit, the calibration recipe's images),
 export ONNX QDQ, import into Relax, lower to integer kernels (``edgeq.lower.integer.lower_integer``), compile
-for the host with ``edgeq.compile.build`` and run the class-balanced val subset through both. Prints one JSON
+for the host with ``edgeq.compile.library.build`` and run the class-balanced val subset through both. Prints one JSON
 object: top-1 agreement, accuracies of both, the relative logit error, times. For scale, the same ONNX file run
 by onnxruntime (float QDQ, no integer kernels) is compared with the fake-quant model too (``onnxruntime_*``):
 float reassociation alone flips some activation codes, so that is the noise floor of any lowering.
@@ -106,7 +106,7 @@ def main() -> None:
     import tvm
     from tvm import relax
 
-    from edgeq.compile import build
+    from edgeq.compile.library import build
     from edgeq.lower.export import export_onnx, onnx_logits
     from edgeq.lower.integer import integer_kernel_calls, lower_integer, weight_bytes
     from edgeq.lower.relax_import import import_onnx

@@ -48,5 +48,5 @@ fi
 
 if [ "${1:-}" = "--emulated-board" ]; then
   PYTHON=${PYTHON:-.venv/bin/python}
-  "$PYTHON" -m edgeq.remote.emulated build
+  "$PYTHON" -m edgeq.boards.emulated build
 fi

@@ -177,7 +177,7 @@ def targets_command(name: str | None) -> None:
     """List the boards edgeq knows, or show one (NAME: a board, TVM tag or JSON target)."""
     import json
 
-    from edgeq.targets import list_targets, load_target
+    from edgeq.compile.targets import list_targets, load_target
 
     if name is None:
         for known in list_targets():
@@ -383,9 +383,9 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
 def build_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, bits, plan_path, method,
                   float_model, reconstruct, recon_iters, target, out, eval_data, eval_limit, tuning_db) -> None:
     """Quantize, lower to integer kernels and compile for a board: writes an artifact directory."""
-    from edgeq.artifact import load_artifact
-    from edgeq.build import BuildConfig, build_artifact, is_reference
-    from edgeq.targets import load_target
+    from edgeq.compile.artifact import load_artifact
+    from edgeq.compile.build import BuildConfig, build_artifact, is_reference
+    from edgeq.compile.targets import load_target
 
     if float_model and (bits or plan_path):
         raise click.UsageError("--float builds the unquantized model: drop --bits/--plan")
@@ -481,7 +481,7 @@ def inspect_command(artifact: Path, as_json: bool, no_verify: bool) -> None:
     """Show what a build directory holds: target, bits and bytes per layer, accuracies, versions, golden batch."""
     import json
 
-    from edgeq.artifact import inspect_sections, load_artifact
+    from edgeq.compile.artifact import inspect_sections, load_artifact
 
     loaded = load_artifact(artifact, verify=not no_verify)
     if as_json:
@@ -543,7 +543,7 @@ def board_group() -> None:
 @click.option("--key", help="Key to register under at the tracker (default rasp4-emulated).")
 def board_start_command(emulated: bool, port: int | None, host: str, tracker: str | None, key: str | None) -> None:
     """Start a board in the background and print its address (`edgeq board stop` ends it)."""
-    from edgeq.remote.background import start_emulated_in_background
+    from edgeq.boards.background import start_emulated_in_background
 
     if not emulated:
         raise click.UsageError("only --emulated boards can be started here; a real board runs deploy/board-setup.sh")
@@ -576,7 +576,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--port", type=click.IntRange(1, 65535), help="Stop only the board on this port (default: all).")
 def board_stop_command(port: int | None) -> None:
     """Stop boards started with `edgeq board start` (server and worker processes)."""
-    from edgeq.remote.background import select_boards, stop_board
+    from edgeq.boards.background import select_boards, stop_board
 
     boards = select_boards(port)
     if not boards:
@@ -589,7 +589,7 @@ def board_stop_command(port: int | None) -> None:
 @board_group.command("status")
 def board_status_command() -> None:
     """List boards started with `edgeq board start`, and whether they serve."""
-    from edgeq.remote.background import list_boards
+    from edgeq.boards.background import list_boards
 
     boards = list_boards()
     if not boards:
@@ -606,7 +606,7 @@ def board_status_command() -> None:
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the report as JSON here.")
 def deploy_command(artifact: Path, rpc, rpc_tracker, rpc_key, output: Path | None) -> None:
     """Verify an artifact, load it on a board and compare its golden batch (exit 1 on a mismatch)."""
-    from edgeq.deploy import deploy_artifact
+    from edgeq.boards.deploy import deploy_artifact
     from edgeq.fileio import atomic_write_json
 
     check_outputs(("--output", output))
@@ -627,7 +627,7 @@ def deploy_command(artifact: Path, rpc, rpc_tracker, rpc_key, output: Path | Non
 @click.option("--output", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_key, output: Path | None) -> None:
     """On-device top-1 and agreement with the host library (integer builds must be exact; exit 1 otherwise)."""
-    from edgeq.check import check_artifact
+    from edgeq.boards.check import check_artifact
     from edgeq.fileio import atomic_write_json
 
     check_outputs(("--output", output))
@@ -663,8 +663,8 @@ def check_command(artifact: Path, data: str, limit: int, rpc, rpc_tracker, rpc_k
 def profile_command(target, plans, more_plans, model_name, checkpoint, random_init, calib, method, rpc, rpc_tracker, rpc_key,
                     out, repeat, per_op, data, limit, latency_table) -> None:
     """Build, deploy, time and check each bit plan on a board; results table, CSV and Pareto plot."""
-    from edgeq.build import BuildConfig
-    from edgeq.profile import ProfileConfig, format_table, profile_plans
+    from edgeq.compile.build import BuildConfig
+    from edgeq.boards.profile import ProfileConfig, format_table, profile_plans
 
     if latency_table is not None and not per_op:
         raise click.UsageError("--latency-table needs --per-op")
@@ -701,7 +701,7 @@ def tune_command(source: Path, target: str | None, trials: int, out: Path | None
 
     Candidates run on this machine for the host target, on the board given by --rpc/--rpc-tracker otherwise;
     rebuild with `edgeq build --tuning-db DIR` to use the database."""
-    from edgeq.tune import default_database, tune_onnx, tune_source
+    from edgeq.compile.tune import default_database, tune_onnx, tune_source
 
     onnx_path, target, integer = tune_source(source, target)
     if not target:

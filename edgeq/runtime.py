@@ -17,11 +17,11 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from edgeq.artifact import Artifact
+from edgeq.compile.artifact import Artifact
 from edgeq.errors import ArtifactTargetMismatchError, TargetError
-from edgeq.remote.background import list_boards
-from edgeq.remote.session import BoardInfo, BoardSession, connect
-from edgeq.targets import TargetSpec, list_targets, load_target
+from edgeq.boards.background import list_boards
+from edgeq.boards.session import BoardInfo, BoardSession, connect
+from edgeq.compile.targets import TargetSpec, list_targets, load_target
 
 
 def artifact_target(artifact: Artifact) -> TargetSpec:

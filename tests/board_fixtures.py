@@ -1,6 +1,6 @@
 """Small build artifacts and local RPC boards for the deploy / check / profile / board tests.
 
-``make_artifact`` writes a real artifact directory (edgeq.artifact's manifest, hashes and digest) around a tiny
+``make_artifact`` writes a real artifact directory (edgeq.compile.artifact's manifest, hashes and digest) around a tiny
 classifier that builds in a fraction of a second: ``logits = int(round(16 x)) @ W`` with int32 weights, computed
 in integers (so an integer artifact is bit-exact on every architecture) and returned as float32. ``edgeq build``
 makes the real ones; these tests are about deploying and checking, not lowering.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import artifact as art
+from edgeq.compile import artifact as art
 
 # x86 servers that only load TVM's runtime library start several times faster, like a runtime-only board
 RUNTIME_ONLY = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
@@ -48,8 +48,8 @@ def make_artifact(folder: Path, target: str = "host", *, precision: str = "int",
     import tvm
     from tvm import relax
 
-    from edgeq.compile import export_for_target
-    from edgeq.targets import load_target
+    from edgeq.compile.library import export_for_target
+    from edgeq.compile.targets import load_target
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeq import artifact as A
+from edgeq.compile import artifact as A
 from cli_runner import run_cli
 from edgeq.errors import ArtifactError
 

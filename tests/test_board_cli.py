@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from board_fixtures import RUNTIME_ONLY, run_cli
-from edgeq.remote import background
-from edgeq.remote.local import start_rpc_server
+from edgeq.boards import background
+from edgeq.boards.local import start_rpc_server
 
 
 def test_board_start_needs_emulated(capsys) -> None:
@@ -63,7 +63,7 @@ def test_vit_rasp4_build_deploy_check_on_the_emulated_board(tmp_path, capsys) ->
     if os.environ.get("EDGEQ_SKIP_BOARD_TESTS"):
         pytest.skip("EDGEQ_SKIP_BOARD_TESTS is set")
     from conftest import CIFAR_VAL
-    from edgeq.build import BuildConfig, build_artifact
+    from edgeq.compile.build import BuildConfig, build_artifact
 
     artifact = build_artifact(BuildConfig(target="rasp4", bits="w8a8", eval_limit=0), tmp_path / "vit-rasp4")
     code, out, err = run_cli(["board", "start", "--emulated"], capsys)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeq import artifact as A
-from edgeq import build as B
+from edgeq.compile import artifact as A
+from edgeq.compile import build as B
 from cli_runner import run_cli
 from edgeq.cli import main
 from edgeq.errors import ArtifactError, BitPlanError
@@ -64,7 +64,7 @@ def test_host_build_writes_a_verified_integer_artifact(host_build: Path) -> None
     m = art.manifest
     assert m.precision == "int" and m.target.name == "host" and m.target.arch == "x86_64"
     from edgeq.lower.kernels.micro import select_microkernel
-    from edgeq.targets import load_target
+    from edgeq.compile.targets import load_target
 
     assert m.target.kernel_family == select_microkernel(load_target("host").tvm_target()).family
     assert set(m.files) == {"model.so", "weights.safetensors", "plan.json", "model.onnx", "golden.npz"}
@@ -131,7 +131,7 @@ def test_tuned_rebuild_records_its_database_and_reproduces_its_golden_batch(caps
 
 
 def test_rasp4_build_has_an_aarch64_library_and_a_host_reference(capsys, tmp_path, tiny_model_name, images) -> None:
-    from edgeq.targets import elf_info
+    from edgeq.compile.targets import elf_info
 
     out = tmp_path / "tiny-rasp4"
     # min/max ranges quantize in a second (the host build covers LRP-QViT and the log2 softmax kernel)
@@ -155,7 +155,7 @@ def test_rasp4_build_has_an_aarch64_library_and_a_host_reference(capsys, tmp_pat
 
 def test_manifest_and_inspect_say_when_the_kernels_fall_back_to_generic(capsys, tmp_path) -> None:
 
-    from edgeq.targets import load_target
+    from edgeq.compile.targets import load_target
     from test_artifact import make_artifact
 
     entry = B.target_entry(load_target("rasp4-32"), load_target("host"))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from board_fixtures import RUNTIME_ONLY, make_artifact, run_cli
-from edgeq import artifact as art
+from edgeq.compile import artifact as art
 from edgeq.errors import ArtifactError, ArtifactTargetMismatchError
-from edgeq.remote.local import free_port, start_rpc_server
+from edgeq.boards.local import free_port, start_rpc_server
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_deploy_runs_the_golden_batch_bit_exactly(x86_board, artifacts, tmp_path
 
 
 def test_deploy_float_artifact_compares_within_atol(x86_board, artifacts) -> None:
-    from edgeq.deploy import deploy_artifact
+    from edgeq.boards.deploy import deploy_artifact
 
     result = deploy_artifact(artifacts["float"], rpc=x86_board.address, env={})
     assert result.ok and not result.exact and result.atol == pytest.approx(1e-4)
@@ -110,7 +110,7 @@ def test_check_reports_top1_and_exact_agreement(x86_board, artifacts, tiny_folde
 
 def test_check_lists_the_first_mismatching_images(x86_board, artifacts, tiny_folder, monkeypatch) -> None:
     """A board whose outputs differ from the host's on some images: not exact, and those images are named."""
-    from edgeq import check as check_module
+    from edgeq.boards import check as check_module
 
     real = check_module.RemoteModel
 
@@ -134,7 +134,7 @@ def test_check_lists_the_first_mismatching_images(x86_board, artifacts, tiny_fol
 def test_check_refuses_data_with_another_class_count(x86_board, artifacts, tmp_path) -> None:
     from conftest import write_image_folder
 
-    from edgeq.check import check_artifact
+    from edgeq.boards.check import check_artifact
     from edgeq.errors import ClassCountError
 
     folder = write_image_folder(tmp_path / "three", ["a", "b", "c"], per_class=1)

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax, tirx
 
 from edgeq.lower.pipeline import EXACT_FP_TIR_PIPELINE, compile_relax, cpu_pipeline, fence_float_products
-from edgeq.targets import load_target
+from edgeq.compile.targets import load_target
 
 A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4}
 
@@ -128,7 +128,7 @@ def _board_outputs(jobs, tmp_path) -> list[list[list[np.ndarray]]]:
         np.savez(tmp_path / f"in{n}.npz", n=len(inputs), arity=len(inputs[0]), **arrays)
         argv += [str(lib), str(tmp_path / f"in{n}.npz"), str(tmp_path / f"out{n}.npz")]
     (tmp_path / "run.py").write_text(_BOARD_SCRIPT)
-    subprocess.run([sys.executable, "-m", "edgeq.remote.emulated", "python", str(tmp_path / "run.py"), *argv],
+    subprocess.run([sys.executable, "-m", "edgeq.boards.emulated", "python", str(tmp_path / "run.py"), *argv],
                    check=True, capture_output=True, text=True, timeout=900)
     results = []
     for n, (_, inputs) in enumerate(jobs):
@@ -152,8 +152,8 @@ def test_host_and_aarch64_builds_give_identical_bits(build, calib_images, tmp_pa
     """A float ViT block and a tiny integer ViT (w8a8, one block): host and aarch64 outputs, bit for bit."""
     import torch
 
-    from edgeq.compile import build as compile_module
-    from edgeq.compile import export_library
+    from edgeq.compile.library import build as compile_module
+    from edgeq.compile.library import export_library
     from edgeq.lower.export import export_onnx
     from edgeq.lower.integer import lower_integer
     from edgeq.lower.relax_import import import_onnx

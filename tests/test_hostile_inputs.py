@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 import pytest
 
 from cli_runner import run_cli
-from edgeq import artifact as A
+from edgeq.compile import artifact as A
 from test_artifact import make_artifact
 
 NOT_UTF8 = b"\xff\xfe\x80 not text \xc3\x28"
@@ -334,14 +334,14 @@ def test_a_deeply_nested_json_target_on_the_command_line_is_one_line(capsys) -> 
 ])
 def test_missing_inputs_are_refused_before_the_model_loads(capsys, tmp_path, monkeypatch, argv) -> None:
     """Cheap checks first: loading a model takes seconds (a large timm model, a minute)."""
-    import edgeq.build
+    import edgeq.compile.build
     import edgeq.cli
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
     monkeypatch.setattr(edgeq.cli, "load_model_option", no_loading)
-    monkeypatch.setattr(edgeq.build, "load_model", no_loading)
+    monkeypatch.setattr(edgeq.compile.build, "load_model", no_loading)
     monkeypatch.setenv("EDGEQ_DATA", str(tmp_path))
     values = {"{missing}": str(tmp_path / "missing"), "{tmp}": str(tmp_path), "M": "edgeq/vit-cifar10"}
     argv = [values.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]

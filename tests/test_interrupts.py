@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import run_cli
-from edgeq import build as B
+from edgeq.compile import build as B
 from edgeq import interrupt
 from edgeq.errors import ArtifactError, OutputBusyError, OutputPathError
 from edgeq.fileio import atomic_write_json, exclusive_output
@@ -303,7 +303,7 @@ def test_profile_interrupted_while_building_keeps_the_earlier_results(capsys, tm
     import json
     import socket
 
-    import edgeq.profile
+    import edgeq.boards.profile
 
     out = tmp_path / "results"
     out.mkdir()
@@ -312,7 +312,7 @@ def test_profile_interrupted_while_building_keeps_the_earlier_results(capsys, tm
     before = snapshot(out)
     plan = tmp_path / "w8a8.json"
     plan.write_text('{"version": 1, "default": {"w": 8, "a": 8}, "layers": {}}')
-    monkeypatch.setattr(edgeq.profile, "build_plan", lambda *a, **k: signal_self(signal.SIGTERM))
+    monkeypatch.setattr(edgeq.boards.profile, "build_plan", lambda *a, **k: signal_self(signal.SIGTERM))
     with socket.socket() as board:  # something listening, so the early reachability check passes
         board.bind(("127.0.0.1", 0))
         board.listen()

@@ -174,7 +174,7 @@ def test_relax_call_tir_demo_runs_on_the_vm():
 
 def test_host_mattr_adds_the_cpu_flags_llvm_model_lacks():
     """A hypervisor can report an older CPU model: the family-deciding flags come from /proc/cpuinfo."""
-    from edgeq.targets import host_mattr
+    from edgeq.compile.targets import host_mattr
 
     cpuinfo = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx_vnni\n"
     assert host_mattr("haswell", cpuinfo) == ["+avx512f", "+avx512bw", "+avxvnni"]

@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 
 from cli_runner import run_cli
 from edgeq.bitplan import BitPlan
-from edgeq.compile import build
+from edgeq.compile.library import build
 from edgeq.errors import TargetError
 from edgeq.lower.export import export_onnx
 from edgeq.lower.integer import integer_kernel_calls, lower_integer

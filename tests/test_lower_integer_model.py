@@ -12,7 +12,7 @@ import torch
 import tvm
 from tvm import relax
 
-from edgeq.compile import build
+from edgeq.compile.library import build
 from edgeq.errors import EdgeqError, UnsupportedModelError
 from edgeq.lower.export import export_onnx
 from edgeq.lower.integer import integer_kernel_calls, kernel_constants, lower_integer, weight_bytes

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from board_fixtures import RUNTIME_ONLY, make_artifact
-from edgeq import profile as profile_module
-from edgeq.build import BuildConfig
+from edgeq.boards import profile as profile_module
+from edgeq.compile.build import BuildConfig
 from edgeq.errors import RemoteRunError
-from edgeq.profile import ProfileConfig, format_table, pareto_front, profile_plans
-from edgeq.remote.local import start_rpc_server, start_tracker
+from edgeq.boards.profile import ProfileConfig, format_table, pareto_front, profile_plans
+from edgeq.boards.local import start_rpc_server, start_tracker
 
 HOST_BUILD = BuildConfig(target="host")
 
@@ -42,7 +42,7 @@ def template_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_builds(monkeypatch: pytest.MonkeyPatch, template_artifact: Path) -> list[str]:
     """Replace the real build by a copy of one tiny host artifact per plan, with the plan's bits and weight bytes
     sealed into its manifest; records which plans were built."""
-    from edgeq import artifact as art
+    from edgeq.compile import artifact as art
 
     built: list[str] = []
 
@@ -164,7 +164,7 @@ def test_plans_are_measured_in_parallel_on_boards_under_one_key(lab, tiny_builds
 def test_emulated_timings_are_labelled_everywhere(lab, tiny_builds, tmp_path, monkeypatch) -> None:
     """A board found to run under qemu (the emulated board's marker file; tests/test_board_cli.py checks that on
     the real emulated board) has its timings labelled in every output."""
-    from edgeq.remote.session import BoardSession
+    from edgeq.boards.session import BoardSession
 
     monkeypatch.setattr(BoardSession, "under_emulation", lambda self, arch: True)
     plans = write_plans(tmp_path, 1)
@@ -198,7 +198,7 @@ def test_latency_table_from_per_op_rows(tmp_path) -> None:
 
 def test_unreachable_board_fails_before_any_build(tiny_builds, tmp_path) -> None:
     from edgeq.errors import RemoteUnreachableError
-    from edgeq.remote.local import free_port
+    from edgeq.boards.local import free_port
 
     with pytest.raises(RemoteUnreachableError, match="refused"):
         profile_plans(ProfileConfig(HOST_BUILD, plans=write_plans(tmp_path, 1), out=tmp_path / "r",
@@ -228,7 +228,7 @@ def test_a_build_reports_each_stage_and_long_counted_stages_as_they_go(tmp_path,
             clock[0] += seconds
             progress(stage, done, total)
 
-    monkeypatch.setattr("edgeq.build.build_artifact", build)
+    monkeypatch.setattr("edgeq.compile.build.build_artifact", build)
     lines: list[str] = []
     job = profile_module.PlanJob(write_plans(tmp_path, 1)[0], "0123456789abcdef", {})
     profile_module.build_plan(job, ProfileConfig(HOST_BUILD, plans=[], out=tmp_path), tmp_path, lines.append)
@@ -239,7 +239,7 @@ def test_a_build_reports_each_stage_and_long_counted_stages_as_they_go(tmp_path,
 
 def test_each_plan_is_built_as_the_profile_build_config_says(tmp_path, monkeypatch) -> None:
     built = []
-    monkeypatch.setattr("edgeq.build.build_artifact", lambda config, folder, progress=None: built.append(config))
+    monkeypatch.setattr("edgeq.compile.build.build_artifact", lambda config, folder, progress=None: built.append(config))
     plan = write_plans(tmp_path, 1)[0]
     build = BuildConfig(target="rasp4", model="edgeq/swin-cifar10", calib="c.yaml", calib_count=8, method="repq")
     job = profile_module.PlanJob(plan, "0123456789abcdef", {})
@@ -272,7 +272,7 @@ def test_timing_calls_the_evaluator_once_per_round_and_keeps_every_run() -> None
 
 
 def test_progress_follows_warm_up_rounds_and_accuracy_per_plan(lab, tiny_builds, tmp_path, monkeypatch) -> None:
-    from edgeq import check
+    from edgeq.boards import check
 
     monkeypatch.setattr(check, "load_images", lambda artifact, data, limit, seed=0: (None, list(range(3))))
     monkeypatch.setattr(check, "image_batches", lambda dataset, indices, batch: iter(

@@ -1,4 +1,4 @@
-"""edgeq profile --per-op's timing of every PrimFunc of ``main`` (edgeq.profile_ops), on a tiny module: float glue
+"""edgeq profile --per-op's timing of every PrimFunc of ``main`` (edgeq.boards.profile_ops), on a tiny module: float glue
 (a quantize, a softmax) around one integer kernel, scheduled as the build schedules it and timed on a local
 x86 RPC server."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ from tvm import relax
 from board_fixtures import RUNTIME_ONLY
 from edgeq.lower.kernels.runner import host_target
 from edgeq.lower.pipeline import schedule_relax
-from edgeq.profile_ops import primfunc_calls, summarize, time_calls
-from edgeq.remote.local import start_rpc_server
-from edgeq.targets import load_target
+from edgeq.boards.profile_ops import primfunc_calls, summarize, time_calls
+from edgeq.boards.local import start_rpc_server
+from edgeq.compile.targets import load_target
 
 
 def quantize_kernel_softmax(m: int = 6, k: int = 16, n: int = 10):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeq.compile import export_for_target
+from edgeq.compile.library import export_for_target
 from edgeq.errors import EdgeqError
 from edgeq.errors import (
     ArtifactTargetMismatchError,
@@ -19,8 +19,8 @@ from edgeq.errors import (
     TargetError,
     ToolchainMissingError,
 )
-from edgeq.remote.local import free_port, start_rpc_server, start_tracker
-from edgeq.remote.session import DEFAULT_TRACKER_PORT, connect, parse_hostport, resolve_address
+from edgeq.boards.local import free_port, start_rpc_server, start_tracker
+from edgeq.boards.session import DEFAULT_TRACKER_PORT, connect, parse_hostport, resolve_address
 from test_targets import tiny_relax_module
 
 # x86 servers that only load TVM's runtime library start several times faster, like a runtime-only board
@@ -197,7 +197,7 @@ def emulated_board():
             pytest.skip(f"{tool} missing: run deploy/install-host-tools.sh")
     if os.environ.get("EDGEQ_SKIP_BOARD_TESTS"):
         pytest.skip("EDGEQ_SKIP_BOARD_TESTS is set")
-    from edgeq.remote.emulated import start_emulated_board
+    from edgeq.boards.emulated import start_emulated_board
 
     board = start_emulated_board(cache_dir=_board_cache())
     yield board
@@ -234,7 +234,7 @@ def test_emulated_board_refuses_x86_libraries(emulated_board, libraries) -> None
 @pytest.mark.board
 @pytest.mark.shared_cache
 def test_emulated_board_through_a_tracker(emulated_board, libraries) -> None:
-    from edgeq.remote.emulated import start_emulated_board
+    from edgeq.boards.emulated import start_emulated_board
 
     tracker = start_tracker()
     board = None

@@ -16,8 +16,8 @@ import pytest
 
 from cli_runner import run_cli
 from edgeq.errors import RemoteRunError, RemoteUnreachableError
-from edgeq.remote.local import start_rpc_server
-from edgeq.remote.session import connect
+from edgeq.boards.local import start_rpc_server
+from edgeq.boards.session import connect
 from test_artifact import make_artifact
 from test_remote import RUNTIME_ONLY, libraries  # noqa: F401 - fixture
 

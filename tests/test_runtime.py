@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from board_fixtures import make_artifact
-from edgeq.artifact import load_artifact
+from edgeq.compile.artifact import load_artifact
 from edgeq.runtime import HostModel, artifact_target, batches, max_abs_diff, outputs_agree
 
 

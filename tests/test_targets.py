@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from cli_runner import run_cli
-from edgeq.compile import build, export_for_target, export_library
+from edgeq.compile.library import build, export_for_target, export_library
 from edgeq.errors import EdgeqError
 from edgeq.errors import TargetError, ToolchainMissingError
 from edgeq.lower.kernels.micro import kernel_family
-from edgeq.targets import (TargetSpec, as_tvm_target, elf_info, list_targets, load_target, target_coercions,
+from edgeq.compile.targets import (TargetSpec, as_tvm_target, elf_info, list_targets, load_target, target_coercions,
                            targets_dir)
 
 BOARDS = {"rasp4", "rasp4-32", "rasp5", "jetson-orin-nano", "jetson-nano", "mali", "host"}

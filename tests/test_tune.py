@@ -50,7 +50,7 @@ def test_tuned_database_is_measured_and_a_build_applies_it(layer_norm_onnx, tmp_
     from edgeq.lower.kernels.runner import host_target
     from edgeq.lower.pipeline import lower_relax
     from edgeq.lower.relax_import import import_onnx
-    from edgeq.tune import tune_onnx
+    from edgeq.compile.tune import tune_onnx
 
     result = tune_onnx(layer_norm_onnx, "host", tmp_path / "db", trials=2)
     assert (result.tasks, result.records, result.measured_on) == (1, 2, "this machine")
@@ -85,11 +85,11 @@ def test_per_op_profiling_schedules_with_the_artifacts_tuning_database(layer_nor
 
     import tvm
 
-    from edgeq.artifact import Artifact, Bits, Golden, Manifest, ModelInfo, TargetInfo, Tuning
+    from edgeq.compile.artifact import Artifact, Bits, Golden, Manifest, ModelInfo, TargetInfo, Tuning
     from edgeq.lower import lower_model
     from edgeq.lower.tuning_database import database_digest
-    from edgeq.profile_ops import scheduled_calls
-    from edgeq.tune import tune_onnx
+    from edgeq.boards.profile_ops import scheduled_calls
+    from edgeq.compile.tune import tune_onnx
 
     tune_onnx(layer_norm_onnx, "host", tmp_path / "db", trials=1)
     folder = tmp_path / "art"
@@ -116,8 +116,8 @@ def test_per_op_profiling_schedules_with_the_artifacts_tuning_database(layer_nor
 
 def test_tune_measures_on_a_board_through_a_tracker(layer_norm_onnx, tmp_path) -> None:
     from board_fixtures import RUNTIME_ONLY
-    from edgeq.remote.local import start_rpc_server, start_tracker
-    from edgeq.tune import tune_onnx
+    from edgeq.boards.local import start_rpc_server, start_tracker
+    from edgeq.compile.tune import tune_onnx
 
     tracker = start_tracker()
     board = None
@@ -135,7 +135,7 @@ def test_tune_measures_on_a_board_through_a_tracker(layer_norm_onnx, tmp_path) -
 
 def test_tune_command_on_a_board_given_directly(layer_norm_onnx, tmp_path, capsys) -> None:
     from board_fixtures import RUNTIME_ONLY
-    from edgeq.remote.local import start_rpc_server
+    from edgeq.boards.local import start_rpc_server
 
     board = start_rpc_server(env=RUNTIME_ONLY)
     try:
@@ -149,7 +149,7 @@ def test_tune_command_on_a_board_given_directly(layer_norm_onnx, tmp_path, capsy
 
 
 def test_tuning_for_an_arm_board_needs_the_board(layer_norm_onnx, tmp_path) -> None:
-    from edgeq.tune import tune_onnx
+    from edgeq.compile.tune import tune_onnx
 
     with pytest.raises(EdgeqError, match="measures candidates on the board.*--rpc.*edgeq board start --emulated"):
         tune_onnx(layer_norm_onnx, "rasp4", tmp_path / "db", trials=1)
@@ -170,7 +170,7 @@ def test_build_refuses_a_missing_tuning_database_before_quantizing(tmp_path, cap
 
 
 def test_a_failed_tuning_names_the_last_candidates_error(tmp_path) -> None:
-    from edgeq.tune import _last_error, _trials_per_round
+    from edgeq.compile.tune import _last_error, _trials_per_round
 
     log = tmp_path / "tuning.log"
     log.write_text("[Task #0: add] Trial #1: Error in building:\nLocalBuilder: An exception occurred\n"
@@ -210,7 +210,7 @@ def fake_child(monkeypatch):
     folders it was handed are recorded."""
     import subprocess
 
-    import edgeq.tune as tune
+    import edgeq.compile.tune as tune
 
     seen: list[Path] = []
     behaviour = {}

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
-exec "$PYTHON" -m edgeq.remote.emulated build "$@"
+exec "$PYTHON" -m edgeq.boards.emulated build "$@"

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
-exec "$PYTHON" -m edgeq.remote.emulated python "$@"
+exec "$PYTHON" -m edgeq.boards.emulated python "$@"

@@ -4,8 +4,8 @@
 #   deploy/emulated/start-board.sh --port 9090
 #   deploy/emulated/start-board.sh --tracker 127.0.0.1:9190 --key rasp4   # register with a local tracker
 #   deploy/emulated/start-board.sh --full-tvm               # load TVM's compiler library too (starts in ~40 s, not ~15-20 s)
-# Then, e.g.: python -c "from edgeq.remote.session import connect; print(connect(rpc='127.0.0.1:PORT').info())"
+# Then, e.g.: python -c "from edgeq.boards.session import connect; print(connect(rpc='127.0.0.1:PORT').info())"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
-exec "$PYTHON" -m edgeq.remote.emulated start "$@"
+exec "$PYTHON" -m edgeq.boards.emulated start "$@"

@@ -25,7 +25,7 @@ from edgeq.lower.passes import (FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftma
                                 RemoveDeadQDQ)
 from edgeq.lower.passes._graph import KERNEL_LAYERS_ATTR, Graph
 from edgeq.lower.relax_import import module_json_attr
-from edgeq.targets import as_tvm_target
+from edgeq.compile.targets import as_tvm_target
 
 __all__ = ["lower_integer", "kernel_constants", "weight_bytes", "integer_kernel_calls", "KERNEL_PREFIX"]
 
@@ -40,7 +40,7 @@ _PARAMS = {
 def lower_integer(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Rewrite the quantized layers of ``mod`` (from :func:`edgeq.lower.relax_import.import_onnx`) into integer kernels.
 
-    ``target``: an edgeq board name or :class:`~edgeq.targets.TargetSpec`, a ``tvm.target.Target`` or a TVM
+    ``target``: an edgeq board name or :class:`~edgeq.compile.targets.TargetSpec`, a ``tvm.target.Target`` or a TVM
     target dict; the kernels are scheduled for it. Raises :class:`~edgeq.errors.UnsupportedModelError` naming
     the binding of a quantized pattern no kernel covers.
     """

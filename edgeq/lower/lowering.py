@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from edgeq.lower.tuning_database import TuningApplied, TuningDatabase
-from edgeq.targets import TargetSpec, load_target
+from edgeq.compile.targets import TargetSpec, load_target
 
 __all__ = ["Lowered", "lower_model", "PRECISIONS"]
 
@@ -53,7 +53,7 @@ def lower_model(onnx_path: str | os.PathLike, target: str | TargetSpec, precisio
     :class:`~edgeq.errors.TargetError` when TVM refuses the model for the target, and
     :class:`~edgeq.errors.EdgeqError` for a missing database or one given for a GPU target.
     """
-    from edgeq.compile import tvm_refusals
+    from edgeq.compile.library import tvm_refusals
     from edgeq.lower.kernels.micro import kernel_family
     from edgeq.lower.pipeline import lower_relax
     from edgeq.lower.relax_import import import_onnx

@@ -1,12 +1,12 @@
 """edgeq's Relax compile pipeline: fp32 GEMM kernels, schedules for every other PrimFunc, TVM's lowering.
 
-``compile_relax(mod, target)`` is what :func:`edgeq.compile.build` runs. For a CPU (``llvm``) target:
+``compile_relax(mod, target)`` is what :func:`edgeq.compile.library.build` runs. For a CPU (``llvm``) target:
 
 1. :class:`~edgeq.lower.passes.float_kernels.FloatKernels` turns float matmuls and the patch conv into
    scheduled fp32 GEMM kernels (weights packed into panels at build time), and Softmax into a row kernel;
 2. TVM's CPU legalization (``LegalizeOps``, ``FuseOps``, ``FuseTIR``) turns the remaining Relax ops
    (LayerNorm, Softmax, GELU, adds, reshapes, transposes) into PrimFuncs;
-3. with ``tuning_db``, PrimFuncs that MetaSchedule tuned (:mod:`edgeq.tune`) take their tuned schedule;
+3. with ``tuning_db``, PrimFuncs that MetaSchedule tuned (:mod:`edgeq.compile.tune`) take their tuned schedule;
 4. :func:`schedule_cpu_primfunc` schedules each PrimFunc that is still unscheduled: injective producers are
    inlined; a reduction block (LayerNorm's sums, Softmax's max and exp sum) reduces a few rows side by side,
    vectorized across rows, each row still in its serial order -- or, when the rows do not group (197 tokens),

@@ -4,7 +4,7 @@
 :meth:`TuningDatabase.open` is the one check of a database (the directory holds both files, every target it is
 for is a CPU); what compiles with it (:func:`edgeq.lower.lowering.lower_model`) takes the opened database and
 returns a :class:`TuningApplied` saying which PrimFuncs took a tuned schedule. It lives with the compile pipeline
-that reads it, so that :mod:`edgeq.lower.pipeline` needs nothing from :mod:`edgeq.tune` (which itself compiles
+that reads it, so that :mod:`edgeq.lower.pipeline` needs nothing from :mod:`edgeq.compile.tune` (which itself compiles
 through the pipeline).
 
 A tuning run writes the database as a build writes an artifact (:func:`writing_database`): it holds
@@ -87,7 +87,7 @@ class TuningDatabase:
     def open(cls, path: "str | os.PathLike | TuningDatabase", targets: Iterable[Any] = (),
              option: str = "tuning database") -> "TuningDatabase":
         """``path`` checked (:func:`check_database`) to hold a database usable for every one of ``targets`` (``tvm.target.Target`` or
-        :class:`~edgeq.targets.TargetSpec`); raises :class:`EdgeqError` naming ``option`` otherwise. An
+        :class:`~edgeq.compile.targets.TargetSpec`); raises :class:`EdgeqError` naming ``option`` otherwise. An
         already opened database is only checked against ``targets``."""
         database = path if isinstance(path, TuningDatabase) else None
         if database is None:

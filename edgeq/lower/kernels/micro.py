@@ -49,7 +49,7 @@ import numpy as np
 import tvm
 from tvm import tirx
 
-from edgeq.targets import GENERIC_KERNEL_FAMILY, as_tvm_target as as_target  # as_target: the kernel builders' name
+from edgeq.compile.targets import GENERIC_KERNEL_FAMILY, as_tvm_target as as_target  # as_target: the kernel builders' name
 
 __all__ = ["Microkernel", "MICROKERNELS", "as_target", "select_microkernel", "select_attention_microkernel",
            "kernel_family", "pack_weight_panels"]
@@ -191,7 +191,7 @@ X86_FAMILY_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def kernel_family(spec, tvm_target=None) -> dict:
     """``kernel_family``: the integer kernel family edgeq schedules for the board ``spec``
-    (a :class:`edgeq.targets.TargetSpec`, see :func:`select_microkernel`; ``tvm_target``: its Target when the
+    (a :class:`edgeq.compile.targets.TargetSpec`, see :func:`select_microkernel`; ``tvm_target``: its Target when the
     caller has it already); ``kernel_family_note``: why, when it is the ``generic`` fallback, else None."""
     target = spec.target
     family = select_microkernel(tvm_target if tvm_target is not None else spec.tvm_target()).family

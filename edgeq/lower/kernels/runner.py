@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
-from edgeq.targets import host_mattr
+from edgeq.compile.targets import host_mattr
 
 from .micro import as_target
 

@@ -47,7 +47,7 @@ from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
 from edgeq.lower.kernels.relax_glue import emit_call
 from edgeq.lower.relax_import import matmul_key
-from edgeq.targets import as_tvm_target
+from edgeq.compile.targets import as_tvm_target
 
 from ._graph import (BindingRewriter, Graph, cached_kernel, dtype_of, match_act_dequant,
                      rewrite_functions, shape_of)

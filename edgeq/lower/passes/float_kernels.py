@@ -30,7 +30,7 @@ from tvm import relax
 
 from edgeq.lower.kernels.fgemm import FloatGemmKernel, float_gemm_kernel
 from edgeq.lower.kernels.softmax import softmax_kernel
-from edgeq.targets import as_tvm_target
+from edgeq.compile.targets import as_tvm_target
 
 __all__ = ["FloatKernels", "rewrite_float_kernels"]
 

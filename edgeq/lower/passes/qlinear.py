@@ -41,7 +41,7 @@ from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.qlinear import qlinear_kernel
 from edgeq.lower.kernels.relax_glue import emit_call
 from edgeq.lower.relax_import import WEIGHT_BITS_ATTR, module_json_attr, weight_key
-from edgeq.targets import as_tvm_target
+from edgeq.compile.targets import as_tvm_target
 
 from ._graph import (BindingRewriter, Graph, LayerNamer, QAct, QWeight, cached_kernel, match_act_dequant,
                      match_weight_dequant, rewrite_functions, shape_of)

@@ -29,7 +29,7 @@ from tvm.relax.expr_functor import mutator
 
 from edgeq.lower.kernels.relax_glue import emit_call
 from edgeq.lower.kernels.softmax import UNDERFLOW_LOG2, softmax_log2_codes_kernel
-from edgeq.targets import as_tvm_target
+from edgeq.compile.targets import as_tvm_target
 
 from ._graph import BindingRewriter, Graph, cached_kernel, dtype_of, rewrite_functions, shape_of
 from .attention import evaluate_chain, softmax_source

@@ -1,4 +1,4 @@
-"""``edgeq build``: from a timm model to a deployable artifact directory (see :mod:`edgeq.artifact`).
+"""``edgeq build``: from a timm model to a deployable artifact directory (see :mod:`edgeq.compile.artifact`).
 
 Stages, each a plain function of the one before::
 
@@ -7,7 +7,7 @@ Stages, each a plain function of the one before::
 
 in three steps: :func:`prepare_build` resolves and checks everything that can fail early (target, toolchain,
 plan, model, evaluation data), :func:`compile_artifact` writes every file and returns the
-:class:`edgeq.artifact.Manifest` that describes them, :func:`write_artifact_manifest` hashes the files into it and
+:class:`edgeq.compile.artifact.Manifest` that describes them, :func:`write_artifact_manifest` hashes the files into it and
 seals it.
 
 The integer program is built twice, once per target: the kernels' micro-kernels differ between x86 and ARM,
@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from edgeq import __version__
-from edgeq import artifact as A
+from edgeq.compile import artifact as A
 from edgeq.bitplan import storage_bits
 from edgeq.errors import ArtifactError, BitPlanError
 from edgeq.fileio import check_output_path, exclusive_output, remove_stale_partials, replace_directory
@@ -53,7 +53,7 @@ CHANNEL_OVERHEAD_BYTES = 12
 #: How far the artifact's weight bytes may be from the expected figure.
 WEIGHT_BYTES_TOLERANCE = 0.05
 
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 #: Calibration recipe and validation data of the bundled reference models.
 REFERENCE_CALIBRATION = _REPO / "calibration" / "cifar10-32.yaml"
 REFERENCE_EVAL_DATA = "cifar10/val.tar.gz"
@@ -264,7 +264,7 @@ def save_weights(path: Path, constants: dict[str, np.ndarray], precision: str) -
 
 def compile_library(onnx_path: Path, spec, precision: str, path: Path, tuning_db, progress: Optional[Progress]):
     """:func:`edgeq.lower.lower_model` for ``spec`` (its stages told to ``progress``), linked into ``path``."""
-    from edgeq.compile import export_library
+    from edgeq.compile.library import export_library
     from edgeq.lower import lower_model
 
     lowered = lower_model(onnx_path, spec, precision, tuning_db=tuning_db,
@@ -387,7 +387,7 @@ def prepare_build(config: BuildConfig, progress: Optional[Progress], model=None,
     """Resolve the target, plan, model and evaluation data, refusing what cannot be built."""
     from edgeq.bitplan import resolve_plan
     from edgeq.quant import quantizable_layers
-    from edgeq.targets import load_target
+    from edgeq.compile.targets import load_target
 
     spec = load_target(config.target)
     host_spec = None if spec.name == "host" else load_target("host")

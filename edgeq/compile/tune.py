@@ -41,7 +41,7 @@ from pathlib import Path
 
 from edgeq.errors import EdgeqError
 from edgeq.lower.tuning_database import LOG_FILE, check_database_dir, writing_database
-from edgeq.remote.session import RemoteAddress, resolve_address
+from edgeq.boards.session import RemoteAddress, resolve_address
 
 __all__ = ["TuneResult", "tune_module", "tune_onnx", "tune_source", "tunable_tasks", "default_database"]
 
@@ -72,7 +72,7 @@ def tune_source(source: Path, target: str | None) -> tuple[Path, str | None, boo
     ``model.onnx``, its target unless ``target`` names one, whether it is an integer build) or an ONNX file."""
     if not source.is_dir():
         return source, target, False
-    from edgeq.artifact import ONNX, load_artifact
+    from edgeq.compile.artifact import ONNX, load_artifact
 
     manifest = load_artifact(source, verify=False).manifest
     return source / ONNX, target or manifest.target.name, manifest.precision == "int"
@@ -86,9 +86,9 @@ def _register_worker_funcs(target: str) -> None:
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    from edgeq.compile import export_library
+    from edgeq.compile.library import export_library
     from edgeq.lower.pipeline import EXACT_FP_TIR_PIPELINE
-    from edgeq.targets import load_target
+    from edgeq.compile.targets import load_target
 
     spec = load_target(target)
 
@@ -106,7 +106,7 @@ def _register_worker_funcs(target: str) -> None:
 
 def _open_board(board: RemoteAddress, **kwargs):
     """edgeq's session with the board (its address was resolved once, by :func:`tune_onnx`)."""
-    from edgeq.remote.session import connect
+    from edgeq.boards.session import connect
 
     where = f"{board.host}:{board.port}"
     if board.via_tracker:
@@ -181,7 +181,7 @@ def tune_module(mod, target: str, database: str | os.PathLike, *, trials: int = 
     measured candidates in all, on this machine or on ``board``."""
     from tvm.s_tir import meta_schedule as ms
 
-    from edgeq.targets import load_target
+    from edgeq.compile.targets import load_target
 
     spec = load_target(target)
     _check_measurable(spec, board)
@@ -269,7 +269,7 @@ def _child(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     from edgeq.lower.relax_import import import_onnx
-    from edgeq.targets import load_target
+    from edgeq.compile.targets import load_target
 
     mod = import_onnx(spec["onnx"], batch=1)
     if spec.get("integer"):
@@ -303,7 +303,7 @@ def tune_onnx(onnx_path: str | os.PathLike, target: str, database: str | os.Path
     """Tune the model in an ONNX file (float, or QDQ with ``integer``) in a child process; see :func:`tune_module`.
 
     With ``rpc`` (``HOST:PORT``) or ``tracker`` (and ``key``, default the target's) candidates run on that board."""
-    from edgeq.targets import load_target
+    from edgeq.compile.targets import load_target
 
     spec = load_target(target)  # a bad target name fails here, with the known boards listed
     if not Path(onnx_path).is_file():
@@ -320,7 +320,7 @@ def tune_onnx(onnx_path: str | os.PathLike, target: str, database: str | os.Path
         child_spec.write_text(json.dumps({"onnx": str(onnx_path), "target": str(target), "database": str(partial),
                                           "trials": int(trials), "integer": integer, "seed": seed,
                                           "board": asdict(board) if board else None}))
-        proc = subprocess.run([sys.executable, "-c", "import sys, edgeq.tune as t; sys.exit(t._child(sys.argv[1]))",
+        proc = subprocess.run([sys.executable, "-c", "import sys, edgeq.compile.tune as t; sys.exit(t._child(sys.argv[1]))",
                                str(child_spec)], capture_output=True, text=True, timeout=timeout)
         if proc.returncode:
             _raise_child_failure(proc, onnx_path, partial)

@@ -14,9 +14,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from edgeq.artifact import Artifact, load_artifact
+from edgeq.compile.artifact import Artifact, load_artifact
 from edgeq.errors import ClassCountError
-from edgeq.remote.session import BoardSession
+from edgeq.boards.session import BoardSession
 from edgeq.runtime import (
     HostModel, RemoteModel, batches, board_info_json, check_board_matches, describe_session, max_abs_diff,
     open_board, outputs_agree,

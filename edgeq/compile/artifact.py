@@ -2,7 +2,7 @@
 
 Layout of ``build/NAME/``
 -------------------------
-``model.so``            the compiled program for the target board (``edgeq.compile.export_library``)
+``model.so``            the compiled program for the target board (``edgeq.compile.library.export_library``)
 ``host.so``             the same program compiled for this x86 host: the reference a board is compared with
                         (absent when the target is the host itself; then ``model.so`` is the reference)
 ``weights.safetensors`` the integer kernels' constants at their bit width (int4 packed two per byte), their
@@ -12,7 +12,7 @@ Layout of ``build/NAME/``
 ``golden.npz``          ``inputs`` float32 [n, 3, H, W] and ``outputs`` float32 [n, classes] of the reference library
 ``manifest.json``       written last; describes all of the above
 
-``manifest.json`` (``format`` ``edgeq.artifact``, ``version`` 1) is a :class:`Manifest`::
+``manifest.json`` (``format`` ``edgeq.compile.artifact``, ``version`` 1) is a :class:`Manifest`::
 
     {"format", "version", "name", "created", "precision": "int"|"float", "entry": "main", "batch": 1,
      "model": {"name", "checkpoint", "weights_sha256", "num_classes", "input_size", "mean", "std",

@@ -1,7 +1,7 @@
 """RPC servers and trackers run as local processes, on loopback unless asked otherwise.
 
 :func:`start_rpc_server` runs ``python -m tvm.exec.rpc_server`` with any Python (this machine's for a local x86
-"board", the emulated aarch64 one from :mod:`edgeq.remote.emulated`) and :func:`start_tracker` runs
+"board", the emulated aarch64 one from :mod:`edgeq.boards.emulated`) and :func:`start_tracker` runs
 ``python -m tvm.exec.rpc_tracker``. Each process starts in its own session, so ``stop()`` ends it together with
 the RPC server's popen worker and any session process it forked. Handles still running when the interpreter
 exits are stopped then.
@@ -33,7 +33,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def parse_tracker(value: str | tuple[str, int]) -> tuple[str, int]:
-    from edgeq.remote.session import DEFAULT_TRACKER_PORT, parse_hostport
+    from edgeq.boards.session import DEFAULT_TRACKER_PORT, parse_hostport
 
     if isinstance(value, tuple):
         return value[0], int(value[1])
@@ -98,8 +98,8 @@ class BoardHandle(ProcessHandle):
     tracker: tuple[str, int] | None = None
 
     def connect(self, **kwargs):
-        """An :class:`edgeq.remote.session.BoardSession` with this board (through its tracker when it has one)."""
-        from edgeq.remote.session import connect
+        """An :class:`edgeq.boards.session.BoardSession` with this board (through its tracker when it has one)."""
+        from edgeq.boards.session import connect
 
         if self.tracker:
             return connect(tracker=f"{self.tracker[0]}:{self.tracker[1]}", key=self.key, **kwargs)
@@ -269,7 +269,7 @@ def start_rpc_server(
 
 
 def _tracker_lists(tracker: tuple[str, int], key: str) -> bool:
-    from edgeq.remote.session import tracker_keys
+    from edgeq.boards.session import tracker_keys
 
     try:
         return key in tracker_keys(*tracker, timeout=5.0)
@@ -279,7 +279,7 @@ def _tracker_lists(tracker: tuple[str, int], key: str) -> bool:
 
 def start_tracker(host: str = "127.0.0.1", port: int | None = None, *, timeout: float = 60.0) -> TrackerHandle:
     """Run ``python -m tvm.exec.rpc_tracker`` on ``host:port`` (a free port by default) and wait until it answers."""
-    from edgeq.remote.session import tracker_summary
+    from edgeq.boards.session import tracker_summary
 
     port = port or free_port(host)
     folder, owned = _workdir(None, "edgeq-tracker-")

@@ -1,6 +1,6 @@
 """Deploy a build artifact to a board over TVM RPC and check it against its golden batch.
 
-``deploy_artifact("build/NAME", rpc="HOST:PORT")`` verifies the artifact's hashes (:func:`edgeq.artifact.load_artifact`),
+``deploy_artifact("build/NAME", rpc="HOST:PORT")`` verifies the artifact's hashes (:func:`edgeq.compile.artifact.load_artifact`),
 compares the board's architecture with the artifact's target, uploads ``model.so``, loads it in a Relax VM on the
 board, runs the golden inputs and compares the outputs with the expected ones: bit for bit for integer builds,
 within the manifest's ``atol`` for float builds.
@@ -13,8 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from edgeq.artifact import Artifact, load_artifact
-from edgeq.remote.session import BoardSession
+from edgeq.compile.artifact import Artifact, load_artifact
+from edgeq.boards.session import BoardSession
 from edgeq.runtime import (
     RemoteModel, batches, board_info_json, check_board_matches, describe_session, max_abs_diff, open_board,
     outputs_agree,

@@ -14,7 +14,7 @@ from pathlib import Path
 from edgeq.errors import EdgeqError, TargetError, ToolchainMissingError
 from edgeq.fileio import replace_unless_interrupted
 from edgeq.interrupt import raise_if_interrupted
-from edgeq.targets import TargetSpec, elf_info, load_target
+from edgeq.compile.targets import TargetSpec, elf_info, load_target
 
 #: the most of TVM's message a refusal quotes (its check can print whole buffers and functions)
 _TVM_DETAIL_CHARS = 300

@@ -1,6 +1,6 @@
 """Latency and accuracy per bit plan on a board: ``edgeq profile --target rasp4 --plans a.json b.json ...``.
 
-For each plan: build an artifact (:func:`edgeq.build.build_artifact`), deploy it (golden batch must match),
+For each plan: build an artifact (:func:`edgeq.compile.build.build_artifact`), deploy it (golden batch must match),
 time the entry function on the board with TVM's ``time_evaluator`` (explicit warm-up calls, then ``repeat``
 timed calls in up to :data:`MAX_ROUNDS` rounds, one ``time_evaluator`` call each, so a progress bar can follow a
 slow board; median and p90 over every run), and check accuracy (on-device
@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from edgeq.build import BuildConfig
+from edgeq.compile.build import BuildConfig
 from edgeq.errors import EdgeqError, RemoteRunError, RemoteUnreachableError
 from edgeq.fileio import atomic_write_json, atomic_write_text, read_json, replace_unless_interrupted
 
@@ -206,12 +206,12 @@ def time_in_rounds(model, x, config: ProfileConfig, progress: StepProgress = _no
 
 def measure_artifact(artifact, session, config: ProfileConfig,
                      progress: StepProgress = _no_progress) -> dict[str, Any]:
-    """Deploy (golden batch), time and check one artifact (an :class:`edgeq.artifact.Artifact` or its directory)
+    """Deploy (golden batch), time and check one artifact (an :class:`edgeq.compile.artifact.Artifact` or its directory)
     on an open session; the row's measured fields. ``progress(step, done, total)`` follows the warm-up calls, the
     timing rounds and the board's accuracy check."""
-    from edgeq.artifact import Accuracy, Artifact, load_artifact
-    from edgeq.check import check_on_board
-    from edgeq.deploy import deploy_artifact
+    from edgeq.compile.artifact import Accuracy, Artifact, load_artifact
+    from edgeq.boards.check import check_on_board
+    from edgeq.boards.deploy import deploy_artifact
     from edgeq.runtime import RemoteModel, board_info_json, describe_session
 
     if not isinstance(artifact, Artifact):
@@ -254,7 +254,7 @@ def measure_artifact(artifact, session, config: ProfileConfig,
                    agreement="golden " + ("exact" if deployed.ok and deployed.exact else
                                           "ok" if deployed.ok else "mismatch"))
     if config.per_op:
-        from edgeq.profile_ops import time_kernels
+        from edgeq.boards.profile_ops import time_kernels
 
         try:
             row["per_op"] = time_kernels(artifact, session, repeat=config.repeat, total_ms=row["latency_median_ms"])
@@ -274,13 +274,13 @@ def measure_artifact(artifact, session, config: ProfileConfig,
 
 def count_boards(config: ProfileConfig) -> int:
     """How many boards can measure at once: those registered under the key at a tracker, else one."""
-    from edgeq.remote.session import resolve_address, tracker_keys
-    from edgeq.targets import load_target
+    from edgeq.boards.session import resolve_address, tracker_keys
+    from edgeq.compile.targets import load_target
 
     address = resolve_address(config.rpc, config.tracker, config.key,
                               default_key=load_target(config.build.target).rpc_key, env=config.env)
     if not address.via_tracker:
-        from edgeq.remote.session import check_listening
+        from edgeq.boards.session import check_listening
 
         check_listening(address.host, address.port, 10.0, address.describe())  # fail before any build
         return 1
@@ -300,8 +300,8 @@ def read_plan_json(path: Path) -> dict[str, Any]:
 
 def build_plan(job: PlanJob, config: ProfileConfig, out: Path, log: Log) -> Path:
     """The plan's artifact under ``OUT/artifacts/``: reused when a verified one of the same plan exists."""
-    from edgeq.artifact import load_artifact
-    from edgeq.build import build_artifact
+    from edgeq.compile.artifact import load_artifact
+    from edgeq.compile.build import build_artifact
     from edgeq.errors import ArtifactError
 
     folder = out / "artifacts" / f"{job.path.stem}-{job.hash[:8]}"
@@ -360,9 +360,9 @@ def profile_plans(config: ProfileConfig, log: Log = _quiet, progress: PlanProgre
 
 
 def _profile_holding_lock(config: ProfileConfig, log: Log, progress: PlanProgress) -> ProfileOutcome:
-    from edgeq.artifact import load_artifact
-    from edgeq.remote.session import connect
-    from edgeq.targets import load_target
+    from edgeq.compile.artifact import load_artifact
+    from edgeq.boards.session import connect
+    from edgeq.compile.targets import load_target
 
     spec = load_target(config.build.target)
     out = Path(config.out)
@@ -542,6 +542,6 @@ def write_latency_table(rows: Sequence[dict[str, Any]], config: ProfileConfig, p
 
 
 def load_target_name(target: str) -> str:
-    from edgeq.targets import load_target
+    from edgeq.compile.targets import load_target
 
     return load_target(target).name

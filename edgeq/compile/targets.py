@@ -68,7 +68,7 @@ def target_coercions(reset: bool = False) -> dict[str, int]:
 def targets_dir() -> Path:
     """Where the board YAML files are: ``$EDGEQ_TARGETS_DIR`` or the repository's ``targets/``."""
     env = os.environ.get("EDGEQ_TARGETS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "targets"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "targets"
 
 
 @dataclass(frozen=True)

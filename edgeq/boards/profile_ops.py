@@ -119,7 +119,7 @@ def time_calls(mod, calls: list[dict[str, Any]], spec, session, *, repeat: int =
     """Median milliseconds of each call (one library of the distinct PrimFuncs, timed on the board)."""
     import tvm
 
-    from edgeq.compile import export_library
+    from edgeq.compile.library import export_library
     from edgeq.lower.pipeline import EXACT_FP_TIR_PIPELINE
 
     # legalized PrimFuncs have no global_symbol until Relax's build adds one; without it there is no entry point

@@ -17,7 +17,7 @@ server loads only the TVM runtime library (``TVM_USE_RUNTIME_LIB=1``), as a runt
 in 15-20 s instead of about 40 s with the compiler library (measured on 2 busy cores). Emulated timings say
 nothing about a real board.
 
-Command line: ``python -m edgeq.remote.emulated build|start|python`` (see ``--help``).
+Command line: ``python -m edgeq.boards.emulated build|start|python`` (see ``--help``).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 from edgeq.errors import ToolchainMissingError
-from edgeq.remote.local import BoardHandle, free_port, start_rpc_server
-from edgeq.remote.session import EMULATION_MARKER
+from edgeq.boards.local import BoardHandle, free_port, start_rpc_server
+from edgeq.boards.session import EMULATION_MARKER
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("EDGEQ_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -233,7 +233,7 @@ def _write_wrapper(built: Sysroot, qemu: str) -> None:
     wrapper.parent.mkdir(parents=True, exist_ok=True)
     interpreter = built.sysroot / "usr" / "bin" / f"python{PYTHON_VERSION}"
     text = f"""#!/bin/sh
-# Written by edgeq.remote.emulated: the aarch64 Python of the emulated board, run under qemu-user.
+# Written by edgeq.boards.emulated: the aarch64 Python of the emulated board, run under qemu-user.
 # qemu -0 makes this script the interpreter's sys.executable, so processes it re-executes come back here.
 QEMU_LD_PREFIX={_sh(built.sysroot)}; export QEMU_LD_PREFIX
 QEMU_CPU="${{EDGEQ_QEMU_CPU:-{DEFAULT_CPU}}}"; export QEMU_CPU
@@ -377,7 +377,7 @@ def stop(handle: BoardHandle) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line: python -m edgeq.remote.emulated build | start | python ...
+# Command line: python -m edgeq.boards.emulated build | start | python ...
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         built = build_sysroot(log=lambda m: print(m, file=sys.stderr, flush=True))
         return subprocess.call([str(built.python), *argv[1:]], env=_board_env(built, runtime_only=False))
 
-    parser = argparse.ArgumentParser(prog="python -m edgeq.remote.emulated", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m edgeq.boards.emulated", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", default=None, help=f"sysroot cache (default {board_dir()})")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or reuse) the sysroot and print where it is")

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping
 
 from edgeq.errors import ArtifactTargetMismatchError, RemoteRunError, RemoteUnreachableError
 from edgeq.interrupt import raise_if_interrupted
-from edgeq.targets import ElfInfo, TargetSpec, elf_info, load_target
+from edgeq.compile.targets import ElfInfo, TargetSpec, elf_info, load_target
 
 DEFAULT_TRACKER_PORT = 9190
 #: A file in the emulated board's sysroot that the guest sees at this absolute path (qemu looks under
@@ -527,7 +527,7 @@ class BoardSession:
         import tempfile
 
         from edgeq.errors import ToolchainMissingError
-        from edgeq.targets import DEFAULT_TOOLCHAINS
+        from edgeq.compile.targets import DEFAULT_TOOLCHAINS
 
         triples = {"aarch64": "aarch64-linux-gnu", "armhf": "armv7l-linux-gnueabihf", "x86_64": "x86_64-linux-gnu"}
         with tempfile.TemporaryDirectory(prefix="edgeq-probe-") as tmp:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edgeq.errors import RemoteUnreachableError
 from edgeq.fileio import atomic_write_json
-from edgeq.remote.local import BoardHandle, _any_alive, process_started_at, stop_process_group
+from edgeq.boards.local import BoardHandle, _any_alive, process_started_at, stop_process_group
 
 
 def state_dir() -> Path:
@@ -105,7 +105,7 @@ def start_emulated_in_background(
     log=None,
 ) -> BackgroundBoard:
     """Start the emulated aarch64 board detached from this process (see :func:`start_emulated_board`)."""
-    from edgeq.remote.emulated import DEFAULT_KEY, start_emulated_board
+    from edgeq.boards.emulated import DEFAULT_KEY, start_emulated_board
 
     if port is not None:
         for board in list_boards():
