@@ -286,3 +286,53 @@ def test_float_kernels_fuse_a_constant_bias_into_the_packed_gemm():
             return out
 
     tvm.ir.assert_structural_equal(FloatKernels(TARGET)(Before), with_kernels(Expected, {gemm: func}))
+
+
+def test_checked_takes_gives_a_constant_in_bounds_index_the_clip_mode():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 5, 4), "float32")) -> R.Tuple(R.Tensor((1, 4), "float32"),
+                                                               R.Tensor((1, 4), "float32")):
+            with R.dataflow():
+                index = R.add(R.const(1, "int64"), R.const(-1, "int64"))  # computed from constants: 0
+                token = R.take(x, index, axis=1, mode="fast")
+                past = R.take(x, R.const(7, "int64"), axis=1, mode="fast")  # out of bounds: left alone
+                out = (token, past)
+                R.output(out)
+            return out
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 5, 4), "float32")) -> R.Tuple(R.Tensor((1, 4), "float32"),
+                                                               R.Tensor((1, 4), "float32")):
+            with R.dataflow():
+                index = R.add(R.const(1, "int64"), R.const(-1, "int64"))
+                token = R.take(x, index, axis=1, mode="clip")
+                past = R.take(x, R.const(7, "int64"), axis=1, mode="fast")
+                out = (token, past)
+                R.output(out)
+            return out
+
+    from edgeq.lower.pipeline import checked_takes
+
+    tvm.ir.assert_structural_equal(checked_takes(Before), Expected)
+
+
+def test_keep_kernels_opaque_marks_only_scheduled_primfuncs():
+    from tvm.script import tirx as T
+
+    from edgeq.lower.pipeline import keep_kernels_opaque
+
+    def copy(scheduled: bool):
+        @T.prim_func
+        def func(A: T.Buffer((4,), "int32"), B: T.Buffer((4,), "int32")):
+            for i in range(4):
+                B[i] = A[i]
+
+        return func.with_attr("tirx.is_scheduled", True) if scheduled else func
+
+    before = tvm.IRModule({"kernel": copy(True), "legalized": copy(False)})
+    expected = tvm.IRModule({"kernel": copy(True).with_attr("op_pattern", _OPAQUE), "legalized": copy(False)})
+    tvm.ir.assert_structural_equal(keep_kernels_opaque(before), expected)
