@@ -138,7 +138,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
 
     for method in args.methods:
         for recon in args.reconstruct:
-            row = method if recon == "none" else \
+            row = method if recon == "none" else f"{method} + {recon}" if recon == "gptq" else \
                 f"{method} + {recon} ({args.recon_iters} it, lr {args.recon_weight_lr:g})"
             result["grid"][row] = {bits: measure(bits, method, {}, recon) for bits in args.bits}
     if not args.no_ablations:

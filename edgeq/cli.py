@@ -107,8 +107,9 @@ def reconstruction_options(command):
                                 "edgeq/quant/reconstruct.py).")(command)
     return click.option("--reconstruct", type=LazyChoice(_reconstruction_choices), default="none",
                         show_default=True,
-                        help="Block reconstruction after calibration (AdaRound rounding + LSQ steps, QDrop); "
-                             "auto: when some layer has 4 bits or fewer. Results are cached.")(command)
+                        help="Block reconstruction after calibration: adaround (learned rounding + LSQ steps, "
+                             "QDrop) or gptq (Hessian-guided rounding, no training loop, fast); auto: adaround when "
+                             "some layer has 4 bits or fewer. Results are cached.")(command)
 
 
 def check_calibration_option(calib: str, count: int | None, seed: int | None) -> None:
