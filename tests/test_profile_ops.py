@@ -86,3 +86,28 @@ def test_summary_sorts_glue_and_keeps_the_old_keys():
     assert result["glue"]["quantize"] == {"ms": 0.4, "calls": 2, "after": ["input", "blocks.0.attn.matmul_qk"]}
     assert result["layers"]["blocks.0.attn.matmul_qk"]["w"] == 6  # attention matmuls: one width
     assert result["base_ms"] == pytest.approx(0.9) and result["overhead_ms"] == 0.0
+
+
+def test_reshapes_are_views_and_not_timed(tmp_path):
+    """A PrimFunc that only reshapes is a view in the built library (RewriteDataflowReshape), so the per-op
+    calls, lowered as the build lowers, hold the softmax but no reshape."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeq.boards.profile_ops import scheduled_calls
+    from edgeq.compile.artifact import Artifact, Bits, Golden, Manifest, ModelInfo, TargetInfo
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Softmax", ["r"], ["y"], axis=-1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [4, 6])])
+    folder = tmp_path / "art"
+    folder.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
+    manifest = Manifest(name="art", precision="float", model=ModelInfo.from_json({}),
+                        target=TargetInfo.from_json({"name": "host"}), bits=Bits.from_json({}),
+                        golden=Golden.from_json({}))
+    mod, calls = scheduled_calls(Artifact(folder, manifest))
+    assert len(calls) == 1 and "softmax" in calls[0]["func"], [c["func"] for c in calls]
+    assert "R.reshape" in mod["main"].script()

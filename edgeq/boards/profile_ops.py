@@ -6,7 +6,8 @@ time instead: the artifact's ``model.onnx`` is lowered again exactly as the buil
 database (:func:`edgeq.lower.lower_model` with ``schedule_only``): the build's scheduling passes leave
 ``main`` a dataflow of ``R.call_tir`` to scheduled PrimFuncs: the integer kernels (listed with their layer by
 :func:`edgeq.lower.integer.integer_kernel_calls`) and the float "glue" between them (LayerNorm, Softmax, GELU,
-residual adds, activation quantization, log2 codes, reshapes). The distinct PrimFuncs are compiled into one
+residual adds, activation quantization, log2 codes, copies). Reshapes are not timed: the build turns a PrimFunc
+that only reshapes into a view of its input (``RewriteDataflowReshape``), and so does this lowering. The distinct PrimFuncs are compiled into one
 small library for the target with the build's TIR pipeline, and each call is timed on the board with
 ``time_evaluator`` on its real constants (weights, biases, LayerNorm parameters) and seeded random activations
 of its shapes and dtypes.
@@ -110,9 +111,13 @@ def scheduled_calls(artifact) -> tuple[Any, list[dict[str, Any]]]:
     from edgeq.runtime import artifact_target
     from edgeq.lower import lower_model
 
+    from tvm import relax
+
     lowered = lower_model(artifact.path("model.onnx"), artifact_target(artifact), artifact.precision,
                           tuning_db=artifact_tuning_db(artifact), schedule_only=True)
-    return lowered.module, primfunc_calls(lowered.module, artifact.manifest.entry)
+    # as the build's dataflow lowering does: a PrimFunc that only reshapes becomes a view of its input, no call
+    mod = relax.transform.RewriteDataflowReshape()(lowered.module)
+    return mod, primfunc_calls(mod, artifact.manifest.entry)
 
 
 def time_calls(mod, calls: list[dict[str, Any]], spec, session, *, repeat: int = 10, seed: int = 0) -> list[float]:
