@@ -320,3 +320,23 @@ def test_profile_interrupted_while_building_keeps_the_earlier_results(capsys, tm
                                  f"127.0.0.1:{board.getsockname()[1]}", "--out", str(out))
     assert status == 143, err
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("command, function, signum, code", [
+    ("deploy", "edgeq.boards.deploy.deploy_artifact", signal.SIGINT, 130),
+    ("check", "edgeq.boards.check.check_artifact", signal.SIGTERM, 143),
+])
+def test_deploy_and_check_interrupted_on_the_board_keep_the_earlier_report(capsys, tmp_path, monkeypatch, command,
+                                                                          function, signum, code) -> None:
+    """An interrupt while the board runs (deploy's golden batch, check's images) ends the command with 130/143
+    and leaves the report an earlier run wrote as it was, with no partial file beside it."""
+    artifact = make_artifact(tmp_path / "art")
+    report = tmp_path / "report.json"
+    report.write_text('{"ok": true}\n')
+    monkeypatch.setattr(function, lambda *args, **kwargs: signal_self(signum))
+    extra = ["--data", str(tmp_path), "--limit", "5"] if command == "check" else []
+    status, _, err = run_cli(capsys, command, str(artifact), *extra, "--rpc", "127.0.0.1:9", "--output", str(report))
+    assert status == code and len(err.strip().splitlines()) == 1, err
+    assert err.strip() == ("edgeq: interrupted" if signum == signal.SIGINT else "edgeq: terminated (signal 15)")
+    assert report.read_text() == '{"ok": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "report.json"]
