@@ -80,6 +80,12 @@ def test_vit_rasp4_build_deploy_check_on_the_emulated_board(tmp_path, capsys) ->
         result = json.loads(report.read_text())
         assert result["agreement"] == "exact" and result["images"] == 10 and result["emulated"]
         assert result["device_top1"] == result["host_top1"]
+        # W4A4: the Cortex-A72 kernels accumulate in int16 lanes (arm_neon_s16) and must still match the host
+        narrow = build_artifact(BuildConfig(target="rasp4", bits="w4a4", eval_limit=0), tmp_path / "vit-rasp4-w4a4")
+        code, out, err = run_cli(["deploy", str(narrow), "--rpc", address], capsys)
+        assert code == 0, out + err
+        assert "8/8 outputs match, bit-exact" in out
+        assert b"edgeq_qlinear_arm_neon_s16_" in (narrow / "model.so").read_bytes()
     finally:
         code, out, _ = run_cli(["board", "stop", "--port", address.rsplit(":", 1)[1]], capsys)
     assert code == 0 and out.startswith("stopped emulated board")

@@ -119,6 +119,26 @@ def test_qlinear_odd_shapes(family, m, k, n, w_bits, out_dtype):
         check_qlinear(family, m, k, n, x_dtype, w_bits, out_dtype, x_zp, out_zp, seed=m + k + n)
 
 
+@pytest.mark.parametrize("family", [f for f in RUNNABLE if f != "x86_avx2_u8s8"])
+@pytest.mark.parametrize("x_dtype,x_zp", [("uint8", 9), ("int8", -2)])
+def test_qlinear_narrow_activations(family, x_dtype, x_zp):
+    """4-bit input codes (``a_bits=4``): signed-activation kernels centre uint8 codes by 8 instead of 128, which
+    moves the zero point folded into the bias; the result is the same sum."""
+    rng = np.random.default_rng(4)
+    m, k, n = 13, 70, 40
+    kern = qlinear_kernel(m, k, n, family_target(family), x_dtype=x_dtype, w_bits=8, a_bits=4, out_dtype="int32",
+                          family=family)
+    lo = 0 if x_dtype == "uint8" else -8
+    x = rng.integers(lo, lo + 16, (m, k)).astype(x_dtype)
+    w8 = rand(rng, "int8", (n, k))
+    bias = rng.integers(-5000, 5000, n).astype(np.int32)
+    packed = kern.pack(w8, bias, x_zp)
+    out = HostKernel(kern.func, kern.name, family_target(family))(x, *[packed[p] for p in kern.param_names[1:-1]],
+                                                                  out_shape=(m, n), out_dtype="int32")
+    np.testing.assert_array_equal(out, ref.qlinear_acc(x, x_zp, w8, bias))
+    assert "_w8a4_" in kern.name
+
+
 def test_qlinear_small_output_requant():
     """Tiny shapes through the requantizing epilogue, with hand-picked scales that do not saturate."""
     rng = np.random.default_rng(5)

@@ -6,6 +6,7 @@ run bit for bit under ``qemu-aarch64`` when that is installed too. CUDA builds a
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -16,8 +17,8 @@ from aarch64_qemu import aarch64_available, aarch64_tools, run_aarch64
 
 from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
-from edgeq.lower.kernels.micro import select_microkernel
-from edgeq.lower.kernels.qlinear import qlinear_kernel
+from edgeq.lower.kernels.micro import code_bits, int16_accumulation_steps, select_microkernel
+from edgeq.lower.kernels.qlinear import _qlinear_func, _schedule_cpu, qlinear_kernel
 
 A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4}
 A72_DOT = {**A72, "mattr": ["+neon", "+dotprod"]}
@@ -47,13 +48,47 @@ def arm_asm(kern, target) -> str:
     return lib.mod.inspect_source("asm")
 
 
-@pytest.mark.parametrize("w_bits", [8, 4])
-def test_a72_qlinear_uses_smull_sadalp(w_bits):
-    kern = qlinear_kernel(197, 192, 768, A72, w_bits=w_bits)
+def test_a72_w8a8_qlinear_uses_smull_sadalp():
+    kern = qlinear_kernel(197, 192, 768, A72, w_bits=8)
     assert kern.micro.family == "arm_neon"
     asm = arm_asm(kern, A72)
     assert count(asm, "smull") >= 8 and count(asm, "sadalp") >= 8
     assert count(asm, "sdot") == 0  # the A72 has no dot product
+
+
+@pytest.mark.parametrize("w_bits,a_bits,steps", [(4, 8, 31), (8, 4, 31), (4, 4, 511)])
+def test_a72_narrow_qlinear_accumulates_in_int16_lanes(w_bits, a_bits, steps):
+    kern = qlinear_kernel(197, 192, 768, A72, w_bits=w_bits, a_bits=a_bits)
+    assert kern.micro.family == "arm_neon_s16" and kern.micro.int16_steps == steps
+    asm = arm_asm(kern, A72)
+    # the tile's 16 int16 accumulators take one smlal per step; the chunk's widening is a few sadalp
+    assert count(asm, "smlal") >= 16 and count(asm, "sdot") == 0
+    # the dot-product core keeps sdot at every width
+    assert qlinear_kernel(197, 192, 768, A72_DOT, w_bits=w_bits, a_bits=a_bits).micro.family == "arm_dotprod"
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(w, a) for w in range(2, 9) for a in range(2, 9)])
+def test_int16_accumulation_bound_is_tight(w_bits, a_bits):
+    steps = int16_accumulation_steps(w_bits, a_bits)
+    largest = 2 ** (w_bits - 1) * 2 ** (a_bits - 1)              # (-2**(w-1)) * (-2**(a-1))
+    most_negative = -(2 ** (w_bits - 1)) * (2 ** (a_bits - 1) - 1)  # or (2**(w-1) - 1) * -2**(a-1), no larger
+    assert steps * largest <= 2**15 - 1 < (steps + 1) * largest
+    assert steps * most_negative >= -(2**15)
+
+
+def test_int16_family_refuses_full_width_products():
+    with pytest.raises(ValueError, match="int16 lane in one step"):
+        qlinear_kernel(8, 32, 16, A72, w_bits=8, a_bits=8, family="arm_neon_s16")
+    with pytest.raises(ValueError, match="a_bits"):
+        qlinear_kernel(8, 32, 16, A72, a_bits=9)
+
+
+def test_code_bits():
+    assert code_bits(0, 15, "uint8") == 4 and code_bits(0, 16, "uint8") == 5 and code_bits(0, 255, "uint8") == 8
+    assert code_bits(-8, 7, "int8") == 4 and code_bits(-7, 7, "int8") == 4 and code_bits(-9, 7, "int8") == 5
+    assert code_bits(-128, 127, "int8") == 8
+    with pytest.raises(ValueError):
+        code_bits(-1, 3, "uint8")
 
 
 def test_dotprod_qlinear_uses_sdot():
@@ -100,6 +135,64 @@ def test_aarch64_qlinear_bit_exact_under_qemu(target, m, k, n, x_dtype, w_bits, 
     else:
         expect = ref.qlinear(x, x_zp, w, bias, mult, shift, out_zp, 8, out_dtype)
     np.testing.assert_array_equal(out, expect)
+
+
+def _extreme_operands(m, k, n, x_dtype, w_bits, a_bits):
+    """Every product at its largest positive value, (-2**(w-1)) * (-2**(a-1)): the int16 lanes' worst case."""
+    x_zp = 2 ** (a_bits - 1) - 1 if x_dtype == "uint8" else 0
+    x = np.zeros((m, k), x_dtype) if x_dtype == "uint8" else np.full((m, k), -(2 ** (a_bits - 1)), np.int8)
+    w8 = np.full((n, k), -(2 ** (w_bits - 1)), np.int8)
+    return x, x_zp, w8
+
+
+@needs_qemu
+@pytest.mark.parametrize("m,k,n,x_dtype,w_bits,a_bits,out_dtype,extreme", [
+    (197, 192, 768, "uint8", 4, 8, "int8", False),
+    (9, 30, 33, "int8", 8, 4, "uint8", False),
+    (11, 77, 40, "uint8", 4, 4, "int8", False),
+    (5, 2 * 31 * 3 + 6, 9, "int8", 4, 8, "int32", True),   # three full 31-step chunks and a short one
+    (5, 2 * 31 * 3 + 6, 9, "uint8", 4, 8, "int32", True),
+    (6, 2 * 31 * 2, 17, "int8", 8, 4, "int32", True),
+    (6, 2 * 511 + 2, 17, "uint8", 4, 4, "int32", True),     # one 511-step chunk and a one-step tail
+])
+def test_aarch64_int16_accumulation_bit_exact_under_qemu(m, k, n, x_dtype, w_bits, a_bits, out_dtype, extreme):
+    rng = np.random.default_rng(m + k + n)
+    out_zp = 100 if out_dtype == "uint8" else 0
+    kern = qlinear_kernel(m, k, n, A72, x_dtype=x_dtype, w_bits=w_bits, a_bits=a_bits, out_dtype=out_dtype,
+                          out_zp=out_zp)
+    assert kern.micro.family == "arm_neon_s16"
+    if extreme:
+        x, x_zp, w8 = _extreme_operands(m, k, n, x_dtype, w_bits, a_bits)
+    else:
+        lo = 0 if x_dtype == "uint8" else -(2 ** (a_bits - 1))
+        x = rng.integers(lo, lo + 2**a_bits, (m, k)).astype(x_dtype)
+        w8 = rng.integers(-(2 ** (w_bits - 1)), 2 ** (w_bits - 1), (n, k)).astype(np.int8)
+        x_zp = 3 if x_dtype == "uint8" else -1
+    w = ref.pack_int4(w8) if w_bits == 4 else w8
+    bias = rng.integers(-3000, 3000, n).astype(np.int32)
+    mult, shift = ref.quantize_multipliers(rng.uniform(1e-6, 2e-4, n))
+    packed = kern.pack(w, bias, x_zp, mult, shift)
+    out = run_aarch64(kern.func, kern.name, A72, [x] + [packed[p] for p in kern.param_names[1:-1]], (m, n), out_dtype)
+    if out_dtype == "int32":
+        expect = ref.qlinear_acc(x, x_zp, w, bias)
+    else:
+        expect = ref.qlinear(x, x_zp, w, bias, mult, shift, out_zp, 8, out_dtype)
+    np.testing.assert_array_equal(out, expect)
+
+
+@needs_qemu
+def test_one_step_past_the_int16_bound_overflows_under_qemu():
+    """The extreme operands above do reach the bound: a kernel allowed one more step wraps its int16 lanes."""
+    m, k, n = 4, 2 * 32, 16
+    micro = dataclasses.replace(qlinear_kernel(m, k, n, A72, w_bits=4, out_dtype="int32").micro, int16_steps=32)
+    func = _schedule_cpu(_qlinear_func(m, k, n, micro, "int8", 4, "int32", 8, 0), micro, 4, w_bits=4)
+    func = func.with_attr("global_symbol", "past_the_bound").with_attr("tirx.is_scheduled", True)
+    x, x_zp, w8 = _extreme_operands(m, k, n, "int8", 4, 8)
+    kern = qlinear_kernel(m, k, n, A72, w_bits=4, out_dtype="int32")
+    packed = kern.pack(ref.pack_int4(w8), None, x_zp)
+    out = run_aarch64(func, "past_the_bound", A72, [x, packed["w"], packed["bias"]], (m, n), "int32")
+    expect = ref.qlinear_acc(x, x_zp, ref.pack_int4(w8), None)
+    assert (expect == 2 * 32 * 1024).all() and not np.array_equal(out, expect)
 
 
 @needs_qemu

@@ -84,6 +84,25 @@ def test_every_quantized_layer_is_one_integer_kernel(case, request):
     assert "R.matmul" not in text and "R.nn.conv2d" not in text and "R.dequantize" not in text
 
 
+def test_qlinear_kernels_know_their_input_width(vit_w4a4, swin_w8a8):
+    """The export's input ranges reach the kernels: 4-bit inputs get ``a4`` kernels (int16 accumulation on
+    Cortex-A72), 8-bit ones the full-width kernels."""
+    from edgeq.lower.kernels.micro import code_bits
+
+    for (qmodel, mod, _, _), bits in ((vit_w4a4, 4), (swin_w8a8, 8)):
+        widths = {}
+        for layer, callee, _ in integer_kernel_calls(mod):
+            if callee.startswith("edgeq_qlinear_"):
+                widths[layer] = 4 if f"_w{bits}a4_" in callee else 8
+        expected = {}
+        for layer, q in qmodel.layers.items():
+            if layer in widths:
+                quant = q.input_quant
+                expected[layer] = code_bits(quant.qmin, quant.qmax, "int8" if quant.qmin < 0 else "uint8")
+        assert widths == expected
+        assert (4 in widths.values()) == (bits == 4)
+
+
 def test_kernel_constants_are_weights_at_their_bit_width(vit_w4a4, swin_w8a8):
     for (qmodel, mod, _, _), bits in ((vit_w4a4, 4), (swin_w8a8, 8)):
         consts = kernel_constants(mod)

@@ -23,7 +23,10 @@ The module keeps what the Relax graph itself has lost, as module attributes (pla
     operands' scales;
 ``edgeq.weight_bits``
     ``{weight key: bits}``: the width the integer kernels store each layer's weights at, as the export
-    decided it (``stored_bits`` of the layer's ``weight`` entry; read by the qlinear pass).
+    decided it (``stored_bits`` of the layer's ``weight`` entry; read by the qlinear pass);
+``edgeq.input_bits``
+    ``{weight key: bits}``: the width of each weighted layer's input codes (from its ``input_quant`` range), which
+    lets the qlinear pass pick kernels that accumulate narrow products in int16 lanes.
 """
 from __future__ import annotations
 
@@ -38,12 +41,13 @@ import numpy as np
 
 from edgeq.errors import EdgeqError, UnsupportedModelError
 
-__all__ = ["import_onnx", "load_onnx_for_relax", "weight_key", "matmul_key", "layer_keys", "weight_storage_bits",
+__all__ = ["import_onnx", "load_onnx_for_relax", "weight_key", "matmul_key", "layer_keys", "weight_storage_bits", "input_code_bits",
            "module_json_attr"]
 
 EXPORT_ATTR = "edgeq.export"
 LAYER_KEYS_ATTR = "edgeq.layer_keys"
 WEIGHT_BITS_ATTR = "edgeq.weight_bits"
+INPUT_BITS_ATTR = "edgeq.input_bits"
 
 
 def weight_key(codes: np.ndarray) -> str:
@@ -98,6 +102,20 @@ def weight_storage_bits(meta: dict[str, Any], keys: dict[str, str]) -> dict[str,
             out[key] = int(weight["stored_bits"])
         elif weight.get("bits") is not None:
             out[key] = storage_bits(int(weight["bits"]))
+    return out
+
+
+def input_code_bits(meta: dict[str, Any], keys: dict[str, str]) -> dict[str, int]:
+    """``{weight key: bits}``: the width of each weighted layer's input codes, from the integer range its
+    ``input_quant`` entry records (:func:`edgeq.lower.kernels.micro.code_bits`); layers without one are left out
+    (their kernels then take full 8-bit codes)."""
+    from edgeq.lower.kernels.micro import code_bits
+
+    out = {}
+    for key, layer in keys.items():
+        quant = meta.get("layers", {}).get(layer, {}).get("input_quant") or {}
+        if quant.get("scheme") == "uniform" and {"qmin", "qmax", "dtype"} <= quant.keys():
+            out[key] = code_bits(int(quant["qmin"]), int(quant["qmax"]), str(quant["dtype"]))
     return out
 
 
@@ -236,4 +254,5 @@ def import_onnx(onnx_path: str | os.PathLike, *, batch: int = 1):
     if meta:
         attrs[EXPORT_ATTR] = json.dumps(meta, sort_keys=True)
         attrs[WEIGHT_BITS_ATTR] = json.dumps(weight_storage_bits(meta, keys), sort_keys=True)
+        attrs[INPUT_BITS_ATTR] = json.dumps(input_code_bits(meta, keys), sort_keys=True)
     return mod.with_attrs(attrs)

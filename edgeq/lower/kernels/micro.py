@@ -20,6 +20,9 @@ All GEMM-like kernels here share one structure (see :mod:`edgeq.lower.kernels.ql
   x86_avx2      2   8   int16  ``vpbroadcastd`` of a (x[k], x[k+1]) int16 pair, ``vpmaddwd``, ``vpaddd``
   arm_neon      2   4   int8   ``dup`` of the (x[k], x[k+1]) int8 pair, ``smull`` (8x int16) and
                                 ``sadalp`` (pairwise widening accumulate into 4x int32)
+  arm_neon_s16  2   4   int8   Cortex-A72 with int4 weights or activations of 4 bits or fewer: ``smlal``
+                                (multiply-add into 8x int16) for as many steps as
+                                :func:`int16_accumulation_steps` allows, then one ``sadalp`` widens
   arm_dotprod   4   4   int8   ``dup`` of 4 int8, ``sdot``
   x86_avx2_u8s8 16  8   int8   int4 weights only: 4x (``vpmaddubsw`` of uint8 activations x int8 weights,
                                 ``vpaddw``), one ``vpmaddwd`` by ones: exact as int4 keeps int16 sums < 2**15
@@ -34,7 +37,9 @@ All GEMM-like kernels here share one structure (see :mod:`edgeq.lower.kernels.ql
 The family comes from the TVM target (:func:`select_microkernel`): ``kind`` cuda -> ``cuda``;
 an aarch64 ``mtriple`` -> ``arm_dotprod`` when LLVM reports the ``dotprod`` feature for the target's
 ``mcpu``/``mattr`` (e.g. ``"mattr": ["+neon", "+dotprod"]`` or ``"mcpu": "cortex-a76"``), else
-``arm_neon`` (Cortex-A72); x86 by the LLVM features of the target's ``mcpu``/``mattr``, widest first
+``arm_neon`` (Cortex-A72), which :func:`~edgeq.lower.kernels.qlinear.qlinear_kernel` turns into ``arm_neon_s16``
+when the weight and activation widths let an int16 lane take two or more products
+(:func:`int16_accumulation_steps`); x86 by the LLVM features of the target's ``mcpu``/``mattr``, widest first
 (:data:`X86_FAMILY_FEATURES`): AVX-512 VNNI -> ``x86_vnni512``, AVX-VNNI -> ``x86_vnni256``, AVX-512BW ->
 ``x86_avx512bw``, AVX2 -> ``x86_avx2``; anything else -> ``generic``. q @ k^T and p @ v use a family's
 ``attention_family`` (:func:`select_attention_microkernel`): their operands both carry zero points, which the
@@ -52,7 +57,7 @@ from tvm import tirx
 from edgeq.compile.targets import GENERIC_KERNEL_FAMILY, as_tvm_target as as_target  # as_target: the kernel builders' name
 
 __all__ = ["Microkernel", "MICROKERNELS", "as_target", "select_microkernel", "select_attention_microkernel",
-           "kernel_family", "pack_weight_panels"]
+           "kernel_family", "pack_weight_panels", "int16_accumulation_steps", "code_bits"]
 
 
 @dataclass(frozen=True)
@@ -68,16 +73,21 @@ class Microkernel:
     ksub: int = 1  # activation scalars per step (each holds kg // ksub elements)
     act_unsigned: bool = False  # activations enter as uint8 (x + 128 for int8) instead of int8
     attention_family: str | None = None  # the family q @ k^T and p @ v use instead (None: this one)
+    int16_steps: int = 0  # steps an int16 accumulator lane takes before it is widened (0: widened every step)
 
     @property
     def sub_kg(self) -> int:
         return self.kg // self.ksub
 
-    def act_offset(self, x_dtype: str) -> int:
-        """What the kernel adds to an ``x_dtype`` activation before multiplying (and to its zero point)."""
+    def act_offset(self, x_dtype: str, a_bits: int = 8) -> int:
+        """What the kernel adds to an ``x_dtype`` activation before multiplying (and to its zero point).
+
+        Signed-activation kernels centre uint8 activations: ``a_bits``-bit values in [0, 2**a_bits) become
+        [-2**(a_bits-1), 2**(a_bits-1)), which keeps narrow products narrow (see :func:`int16_accumulation_steps`).
+        """
         if self.act_unsigned:
             return 128 if x_dtype == "int8" else 0
-        return -128 if x_dtype == "uint8" else 0
+        return -(2 ** (a_bits - 1)) if x_dtype == "uint8" else 0
 
     def lane_nk(self, lane):
         """(channel within the panel, k within the group) held by panel lane ``lane`` (int or TIR expr).
@@ -125,12 +135,48 @@ class Microkernel:
             av = tirx.reinterpret("int8x8", tirx.Broadcast(a, 4))
             prod = tirx.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16", av, w)
             return acc + tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", prod)
+        if self.family == "arm_neon_s16":  # int16 accumulator: LLVM fuses the add into smlal
+            av = tirx.reinterpret("int8x8", tirx.Broadcast(a, 4))
+            return acc + tirx.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16", av, w)
         if self.family == "arm_dotprod":
             av = tirx.reinterpret("int8x16", tirx.Broadcast(a, 4))
             return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, av, w)
         if self.family == "generic":
             return acc + tirx.Cast(f"int32x{vl}", w) * tirx.Broadcast(tirx.Cast("int32", a), vl)
         raise ValueError(f"no vector step for family {self.family!r}")
+
+    def widen(self, acc, acc16):
+        """``acc`` (int32 x vl) plus the pairwise sums of an int16 accumulator (``sadalp``)."""
+        if self.family != "arm_neon_s16":
+            raise ValueError(f"family {self.family!r} has no int16 accumulator")
+        return acc + tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", acc16)
+
+
+def code_bits(qmin: int, qmax: int, dtype: str) -> int:
+    """The narrowest activation width (2..8) whose range holds the integer codes ``[qmin, qmax]`` stored as
+    ``dtype``: ``[0, 2**bits)`` for uint8, ``[-2**(bits-1), 2**(bits-1))`` for int8 (see ``qlinear_kernel``'s
+    ``a_bits``)."""
+    if dtype not in ("int8", "uint8"):
+        raise ValueError(f"activation codes are int8 or uint8, not {dtype!r}")
+    for bits in range(2, 9):
+        lo, hi = (0, 2**bits - 1) if dtype == "uint8" else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        if lo <= qmin <= qmax <= hi:
+            return bits
+    raise ValueError(f"codes [{qmin}, {qmax}] do not fit {dtype}")
+
+
+def int16_accumulation_steps(w_bits: int, a_bits: int) -> int:
+    """How many products of a signed ``w_bits``-bit weight and a signed ``a_bits``-bit activation one int16 lane
+    can add up exactly: the largest ``n`` with ``n * 2**(w_bits-1) * 2**(a_bits-1) <= 2**15 - 1``.
+
+    The largest product is ``(-2**(w_bits-1)) * (-2**(a_bits-1))``; the most negative one,
+    ``-2**(w_bits-1) * (2**(a_bits-1) - 1)``, is smaller in magnitude, so ``n`` of them stay above ``-2**15``
+    too. w4a8 and w8a4: ``|p| <= 1024``, 31 steps; w4a4: ``|p| <= 64``, 511 steps; w8a8: 1 (no int16 stage).
+    """
+    for bits in (w_bits, a_bits):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"widths must be in 2..8 bits, got w{w_bits}a{a_bits}")
+    return (2**15 - 1) // (2 ** (w_bits - 1) * 2 ** (a_bits - 1))
 
 
 MICROKERNELS: dict[str, Microkernel] = {
@@ -145,6 +191,9 @@ MICROKERNELS: dict[str, Microkernel] = {
     "x86_vnni256": Microkernel("x86_vnni256", kg=4, vl=8, nb=16, mr=6, lane_dtype="int8", lane_bits=8,
                                a_dtype="int32", act_unsigned=True, attention_family="x86_avx2"),
     "arm_neon": Microkernel("arm_neon", kg=2, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int16"),
+    # int16_steps is set per call from the weight and activation widths (qlinear_kernel)
+    "arm_neon_s16": Microkernel("arm_neon_s16", kg=2, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8,
+                                a_dtype="int16", int16_steps=1),
     "arm_dotprod": Microkernel("arm_dotprod", kg=4, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int32"),
     "generic": Microkernel("generic", kg=1, vl=8, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int8"),
     "cuda": Microkernel("cuda", kg=4, vl=1, nb=16, mr=8, lane_dtype="int8", lane_bits=8, a_dtype="int32"),

@@ -41,7 +41,8 @@ from tvm.s_tir import Schedule
 
 from . import reference as ref
 from .requant import requant_params, requant_tir
-from .micro import MICROKERNELS, Microkernel, as_target, ceil_div, pack_weight_panels, select_microkernel
+from .micro import (MICROKERNELS, Microkernel, as_target, ceil_div, int16_accumulation_steps, pack_weight_panels,
+                    select_microkernel)
 
 __all__ = ["QLinearKernel", "qlinear_kernel"]
 
@@ -112,6 +113,7 @@ class QLinearKernel:
     out_zp: int
     micro: Microkernel
     param_names: tuple[str, ...] = field(default=())
+    a_bits: int = 8
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -138,7 +140,7 @@ class QLinearKernel:
         info = np.iinfo(self.x_dtype)
         if not info.min <= int(x_zp) <= info.max:
             raise ValueError(f"x_zp {x_zp} outside {self.x_dtype}")
-        zp_eff = int(x_zp) + self.micro.act_offset(self.x_dtype)
+        zp_eff = int(x_zp) + self.micro.act_offset(self.x_dtype, self.a_bits)
         b = np.zeros(self.n, np.int64) if bias is None else np.asarray(bias, np.int64).reshape(self.n)
         bias_eff = (b - zp_eff * w8.astype(np.int64).sum(axis=1)).astype(np.int32)  # modulo 2**32
         out = {"w": pack_weight_panels(w8, self.micro, self.w_bits), "bias": bias_eff}
@@ -153,11 +155,14 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
                    out_dtype: str = "int8", out_bits: int = 8, out_zp: int = 0,
                    family: str | None = None, name: str | None = None,
                    num_tasks: int | None = None, mr: int | None = None, nb: int | None = None,
-                   k_unroll: int = 1) -> QLinearKernel:
+                   k_unroll: int = 1, a_bits: int = 8) -> QLinearKernel:
     """A scheduled qlinear PrimFunc for ``x[m,k] @ w[n,k]^T`` on ``target`` (dict, tag or Target).
 
     ``out_dtype`` "int32" returns the accumulator plus bias (for float islands); "int8"/"uint8" requantize
     to ``out_bits`` bits around ``out_zp``. ``family`` forces a micro-kernel (see :mod:`.micro`).
+    ``a_bits``: the activations' width: ``x`` must hold ``a_bits``-bit values (``[0, 2**a_bits)`` as uint8,
+    ``[-2**(a_bits-1), 2**(a_bits-1))`` as int8), which lets narrow kernels (``arm_neon_s16``) accumulate in
+    int16 lanes; wider values would break their exactness.
     """
     if x_dtype not in ("int8", "uint8"):
         raise ValueError(f"x_dtype must be int8 or uint8, not {x_dtype!r}")
@@ -171,18 +176,28 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
             raise ValueError(f"out_zp {out_zp} outside [{qmin}, {qmax}]")
     if min(m, k, n) < 1:
         raise ValueError(f"shapes must be positive, got m={m} k={k} n={n}")
+    if not 2 <= a_bits <= 8:
+        raise ValueError(f"a_bits must be in 2..8, not {a_bits}")
     tgt = as_target(target)
     micro = select_microkernel(tgt, family)
     if micro.family == "x86_avx2" and w_bits == 4 and family is None:
         micro = MICROKERNELS["x86_avx2_u8s8"]
     if micro.family == "x86_avx2_u8s8" and w_bits != 4:
         raise ValueError("the x86_avx2_u8s8 micro-kernel is exact for int4 weights only")
+    steps16 = int16_accumulation_steps(w_bits, a_bits)
+    if micro.family == "arm_neon" and family is None and steps16 > 1:
+        micro = MICROKERNELS["arm_neon_s16"]
+    if micro.family == "arm_neon_s16":
+        if steps16 < 2:
+            raise ValueError(f"the arm_neon_s16 micro-kernel needs int4 weights or activations of 4 bits or "
+                             f"fewer (w{w_bits}a{a_bits} products fill an int16 lane in one step)")
+        micro = dataclasses.replace(micro, int16_steps=steps16)
     panel = nb or _panel_width(n, micro)
     if mr or panel != micro.nb:
         micro = dataclasses.replace(micro, mr=mr or micro.mr, nb=panel)
     if micro.nb % micro.vl:
         raise ValueError(f"nb={micro.nb} must be a multiple of the vector length {micro.vl}")
-    func = _qlinear_func(m, k, n, micro, x_dtype, w_bits, out_dtype, out_bits, out_zp)
+    func = _qlinear_func(m, k, n, micro, x_dtype, w_bits, out_dtype, out_bits, out_zp, a_bits)
     if micro.family == "cuda":
         func = _schedule_gpu(func, micro)
     else:
@@ -190,10 +205,11 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
     # every build parameter is in the name: the Relax glue adds one PrimFunc per distinct name
     out_tag = "int32" if out_dtype == "int32" else f"{out_dtype}b{out_bits}z{out_zp}".replace("-", "m")
     tile = f"_t{micro.mr}x{micro.nb}" if (mr or nb or k_unroll != 1) else ""
-    name = name or f"edgeq_qlinear_{micro.family}_m{m}k{k}n{n}_w{w_bits}_{x_dtype}_{out_tag}{tile}"
+    a_tag = "" if a_bits == 8 else f"a{a_bits}"
+    name = name or f"edgeq_qlinear_{micro.family}_m{m}k{k}n{n}_w{w_bits}{a_tag}_{x_dtype}_{out_tag}{tile}"
     func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
     params = ("x", "w", "bias") + (() if out_dtype == "int32" else ("requant",)) + ("out",)
-    return QLinearKernel(func, name, m, k, n, x_dtype, w_bits, out_dtype, out_bits, out_zp, micro, params)
+    return QLinearKernel(func, name, m, k, n, x_dtype, w_bits, out_dtype, out_bits, out_zp, micro, params, a_bits)
 
 
 def _panel_width(n: int, micro: Microkernel) -> int:
@@ -210,7 +226,8 @@ def _default_tasks(tgt: tvm.target.Target) -> int:
     return max(8, 4 * cores)
 
 
-def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_bits, out_zp) -> tirx.PrimFunc:
+def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_bits, out_zp,
+                  a_bits: int = 8) -> tirx.PrimFunc:
     kg, nb, vl, mr = micro.kg, micro.nb, micro.vl, micro.mr
     Mp = ceil_div(M, mr) * mr
     KG = ceil_div(K, kg)
@@ -221,12 +238,18 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
     a_dtype, lane_dtype = micro.a_dtype, micro.lane_dtype
     w_shape = (NBLK, KG, LW) if w_bits == 8 else (NBLK, KG, LW // 2)
     w_dtype = "int8" if w_bits == 8 else "uint8"
-    needs_panel = w_bits == 4 or lane_dtype != "int8"
+    # int16 accumulation: the k-groups are walked in GO chunks of CH steps (CH within the int16 bound, chunks
+    # balanced), zero padded to GO * CH groups so no chunk needs a bounds check
+    wide16 = micro.int16_steps > 0
+    GO = ceil_div(KG, micro.int16_steps) if wide16 else 1
+    CH = ceil_div(KG, GO) if wide16 else KG
+    KGA = GO * CH if wide16 else KG
+    needs_panel = w_bits == 4 or lane_dtype != "int8" or KGA != KG
     requant = out_dtype != "int32"
-    p_shape = (NBLK, KG, LW) if needs_panel else (1, 1, 1)
+    p_shape = (NBLK, KGA, LW) if needs_panel else (1, 1, 1)
 
     ksub, skg = micro.ksub, micro.sub_kg
-    offset = micro.act_offset(x_dtype)
+    offset = micro.act_offset(x_dtype, a_bits)
 
     def a_value(X, vm, vs):
         vals = []
@@ -237,16 +260,19 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
         return pack_group(vals, micro)
 
     def panel_value(Wp, vb, vg, vl_):
+        g = tirx.min(vg, KG - 1) if KGA != KG else vg
         if w_bits == 8:
-            return tirx.Cast(lane_dtype, Wp[vb, vg, vl_])
-        half = LW // 2  # byte i holds lane i (low nibble) and lane i + half (high nibble)
-        return tirx.Cast(lane_dtype, nibble(Wp[vb, vg, tirx.floormod(vl_, half)], tirx.floordiv(vl_, half)))
+            value = tirx.Cast(lane_dtype, Wp[vb, g, vl_])
+        else:
+            half = LW // 2  # byte i holds lane i (low nibble) and lane i + half (high nibble)
+            value = tirx.Cast(lane_dtype, nibble(Wp[vb, g, tirx.floormod(vl_, half)], tirx.floordiv(vl_, half)))
+        return tirx.if_then_else(vg < KG, value, tirx.const(0, lane_dtype)) if KGA != KG else value
 
     # uint8 activations the micro-kernel takes as they are, whole groups of them: the packed groups are the
     # activation rows themselves read as int32, so there is no packing stage (rows past M repeat the last)
     direct = (micro.act_unsigned and x_dtype == "uint8" and ksub == 1 and micro.lane_bits == 8 and kg == 4
               and K % kg == 0)
-    a_shape = (1, 1) if direct else (Mp, KG * ksub)
+    a_shape = (1, 1) if direct else (Mp, KGA * ksub)
     a_rows = M if direct else Mp
 
     def step(acc, A, vm, vg, w):
@@ -263,7 +289,7 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
 
     @T.macro
     def stage_a(X, A):
-        for m, g in T.grid(Mp, KG * ksub):
+        for m, g in T.grid(Mp, KGA * ksub):
             with T.sblock("A"):
                 vm, vg = T.axis.remap("SS", [m, g])
                 T.reads(X[0:M, 0:K])
@@ -273,7 +299,7 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
     @T.macro
     def stage_p(Wp, P):
         if needs_panel:
-            for b, g, l in T.grid(NBLK, KG, LW):
+            for b, g, l in T.grid(NBLK, KGA, LW):
                 with T.sblock("P"):
                     vb, vg, vl_ = T.axis.remap("SSS", [b, g, l])
                     T.reads(Wp[vb, 0:w_shape[1], 0:w_shape[2]])
@@ -292,6 +318,32 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
                 C[vm, vb, lanes(vj * vl, vl)] = step(C[vm, vb, lanes(vj * vl, vl)], A, vm, vg,
                                                      P[vb, vg, lanes(vj * LV, LV)])
 
+    @T.macro
+    def stage_c16(A, P, C16, C):
+        # products added in int16 lanes for CH steps (smlal), each chunk then widened into int32 (sadalp)
+        # iteration order (chunk step, row, vector): compute_at recreates the chunk's loops in this order
+        for b, go, gi, m, j in T.grid(NBLK, GO, CH, Mp, J):
+            with T.sblock("C16"):
+                vb, vo, vi, vm, vj = T.axis.remap("SSRSS", [b, go, gi, m, j])
+                T.reads(A[vm, vo * CH + vi], P[vb, vo * CH + vi, vj * LV: vj * LV + LV])
+                T.writes(C16[vm, vb, vo, vj * LV: vj * LV + LV])
+                with T.init():
+                    C16[vm, vb, vo, lanes(vj * LV, LV)] = T.broadcast(T.int16(0), LV)
+                C16[vm, vb, vo, lanes(vj * LV, LV)] = micro.step(C16[vm, vb, vo, lanes(vj * LV, LV)],
+                                                               A[vm, vo * CH + vi],
+                                                               P[vb, vo * CH + vi, lanes(vj * LV, LV)])
+        for m, b, j, go in T.grid(Mp, NBLK, J, GO):
+            with T.sblock("C"):
+                vm, vb, vj, vo = T.axis.remap("SSSR", [m, b, j, go])
+                T.reads(C16[vm, vb, vo, vj * LV: vj * LV + LV])
+                T.writes(C[vm, vb, vj * vl: vj * vl + vl])
+                with T.init():
+                    C[vm, vb, lanes(vj * vl, vl)] = T.broadcast(T.int32(0), vl)
+                C[vm, vb, lanes(vj * vl, vl)] = micro.widen(C[vm, vb, lanes(vj * vl, vl)],
+                                                            C16[vm, vb, vo, lanes(vj * LV, LV)])
+
+    c16_shape = (Mp, NBLK, GO, J * LV)
+
     if requant:
         @T.prim_func(s_tir=True)
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
@@ -304,7 +356,14 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
             else:
                 A = T.sblock_alloc_buffer(a_shape, a_dtype)
                 stage_a(X, A)
-            if needs_panel:
+            if wide16 and needs_panel:
+                C16 = T.sblock_alloc_buffer(c16_shape, "int16")
+                stage_p(Wp, P)
+                stage_c16(A, P, C16, C)
+            elif wide16:
+                C16 = T.sblock_alloc_buffer(c16_shape, "int16")
+                stage_c16(A, Wp, C16, C)
+            elif needs_panel:
                 stage_p(Wp, P)
                 stage_c(A, P, C)
             else:
@@ -325,7 +384,14 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
             else:
                 A = T.sblock_alloc_buffer(a_shape, a_dtype)
                 stage_a(X, A)
-            if needs_panel:
+            if wide16 and needs_panel:
+                C16 = T.sblock_alloc_buffer(c16_shape, "int16")
+                stage_p(Wp, P)
+                stage_c16(A, P, C16, C)
+            elif wide16:
+                C16 = T.sblock_alloc_buffer(c16_shape, "int16")
+                stage_c16(A, Wp, C16, C)
+            elif needs_panel:
                 stage_p(Wp, P)
                 stage_c(A, P, C)
             else:
@@ -368,7 +434,8 @@ def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unr
     sch = Schedule(func)
     blocks = root_blocks(sch)
     b_a, b_c, b_o, b_p = blocks.get("A"), blocks["C"], blocks["O"], blocks.get("P")
-    m, nblk, j, g = sch.get_loops(b_c)
+    b_c16 = blocks.get("C16")
+    m, nblk, j, g = sch.get_loops(b_c)  # with an int16 stage, g walks the chunks
     n_blocks = int(sch.get(nblk).extent)
     mo, mi = sch.split(m, [None, micro.mr])
     m_tiles = int(sch.get(mo).extent)
@@ -383,6 +450,19 @@ def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unr
     parallel(sch, task)
     sch.set_scope(b_c, 0, "local")
     sch.reverse_compute_at(b_o, mo_i)
+    if b_c16 is not None:
+        # one chunk: CH steps of the (mr rows x nb channels) int16 tile, held in registers, then widened
+        sch.compute_at(b_c16, g)
+        sch.set_scope(b_c16, 0, "local")
+        steps = int(sch.get(b_c16).iter_vars[2].dom.extent)
+        inner = _loops_below(sch, b_c16, g)  # (step if steps > 1, then row and vector loops of extent > 1)
+        if steps > 1:
+            sch.decompose_reduction(b_c16, inner[0])
+            for loop in _loops_below(sch, sch.get_sblock("C16_init"), g):
+                sch.unroll(loop)
+            inner = inner[1:]
+        for loop in inner:
+            sch.unroll(loop)
     if b_p is not None:
         sch.compute_at(b_p, task)
         lane_loop = sch.get_loops(b_p)[-1]
@@ -390,7 +470,7 @@ def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unr
             _, lane_loop = sch.split(lane_loop, [2, None])
         vectorize(sch, lane_loop)
     sch.decompose_reduction(b_c, g)
-    if k_unroll > 1 and int(sch.get(g).extent) % k_unroll == 0:
+    if k_unroll > 1 and b_c16 is None and int(sch.get(g).extent) % k_unroll == 0:
         _, g_in = sch.split(g, [None, k_unroll])
         sch.unroll(g_in)
     sch.unroll(mi)
@@ -400,6 +480,14 @@ def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unr
     if b_a is not None:
         parallel(sch, sch.get_loops(b_a)[0])
     return sch.mod["main"]
+
+
+def _loops_below(sch: Schedule, block, loop) -> list:
+    """The loops around ``block`` nested inside ``loop``."""
+    loops = sch.get_loops(block)
+    outer = sch.get(loop)
+    position = next(i for i, rv in enumerate(loops) if sch.get(rv).same_as(outer))
+    return loops[position + 1:]
 
 
 def _schedule_gpu(func: tirx.PrimFunc, micro: Microkernel) -> tirx.PrimFunc:

@@ -40,7 +40,7 @@ from edgeq.errors import UnsupportedModelError
 from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.qlinear import qlinear_kernel
 from edgeq.lower.kernels.relax_glue import emit_call
-from edgeq.lower.relax_import import WEIGHT_BITS_ATTR, module_json_attr, weight_key
+from edgeq.lower.relax_import import INPUT_BITS_ATTR, WEIGHT_BITS_ATTR, module_json_attr, weight_key
 from edgeq.compile.targets import as_tvm_target
 
 from ._graph import (BindingRewriter, Graph, LayerNamer, QAct, QWeight, cached_kernel, match_act_dequant,
@@ -195,9 +195,9 @@ def _int_bias(match: LinearMatch, where: str) -> np.ndarray:
 
 
 def emit_linear(bb: relax.BlockBuilder, match: LinearMatch, x_codes: relax.Expr, target: tvm.target.Target,
-                layer: str, w_bits: int, namer: Optional[LayerNamer] = None) -> relax.Expr:
+                layer: str, w_bits: int, namer: Optional[LayerNamer] = None, a_bits: int = 8) -> relax.Expr:
     """Emit the integer kernel for ``match`` reading the (already remapped) ``x_codes``, its weights stored at
-    ``w_bits`` (4: packed int4, 8: int8); returns the result."""
+    ``w_bits`` (4: packed int4, 8: int8) and its input codes ``a_bits`` wide; returns the result."""
     n, k = match.w.codes.shape
     if match.kind == "conv":
         b, c, h, w = match.x.shape
@@ -212,12 +212,12 @@ def emit_linear(bb: relax.BlockBuilder, match: LinearMatch, x_codes: relax.Expr,
     bias = _int_bias(match, layer)
     if match.requant is None:
         kernel = cached_kernel(qlinear_kernel, m, k, n, target=target, x_dtype=match.x.dtype, w_bits=w_bits,
-                               out_dtype="int32")
+                               a_bits=a_bits, out_dtype="int32")
         packed = kernel.pack(match.w.codes, bias, match.x.zero_point)
     else:
         out_scale, out_zp, out_dtype = match.requant
         kernel = cached_kernel(qlinear_kernel, m, k, n, target=target, x_dtype=match.x.dtype, w_bits=w_bits,
-                               out_dtype=out_dtype, out_zp=out_zp)
+                               a_bits=a_bits, out_dtype=out_dtype, out_zp=out_zp)
         mult, shift = ref.quantize_multipliers(_real_scales(match) / np.float64(out_scale))
         packed = kernel.pack(match.w.codes, bias, match.x.zero_point, mult, shift)
     consts = [packed[p] for p in kernel.param_names[1:-1]]
@@ -247,6 +247,7 @@ class _QLinearRewriter(BindingRewriter):
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod, target)
         self.weight_bits = module_json_attr(mod, WEIGHT_BITS_ATTR)
+        self.input_bits = module_json_attr(mod, INPUT_BITS_ATTR)
 
     def rewrite(self, var, call):
         match = match_linear(self.graph, var, call)
@@ -260,7 +261,7 @@ class _QLinearRewriter(BindingRewriter):
                 "lower an ONNX file written by edgeq's export_onnx (its metadata gives each layer's "
                 f"weight.stored_bits, imported as the module attribute {WEIGHT_BITS_ATTR})")
         return emit_linear(self.builder_, match, self.visit_expr(match.x.codes), self.target, layer,
-                           int(self.weight_bits[key]), self.namer)
+                           int(self.weight_bits[key]), self.namer, a_bits=int(self.input_bits.get(key, 8)))
 
 
 def _original_codes(match: LinearMatch) -> np.ndarray:
