@@ -75,6 +75,25 @@ def test_qk_and_log2_av_small_cases():
     assert ref.log2_av(np.array([[[40]]], np.uint8), np.array([[[-3]]], np.int8), 0, base_shift=0).tolist() == [[[-1]]]
 
 
+def test_log_sqrt2_av_floors_every_term():
+    """Each term is floor((v - zp) * 2**S * p): the sum lies within T units below the exact product."""
+    rng = np.random.default_rng(5)
+    h, t, s, d, shift, mult, frac = 2, 5, 40, 6, 14, 53, 7
+    codes = np.minimum(rng.geometric(0.08, (h, t, s)) - 1, 255).astype(np.uint8)
+    codes[0, 0, :3] = 255
+    v = rng.integers(0, 256, (h, s, d)).astype(np.uint8)
+    got = ref.log2_av(codes, v, 100, shift, 255, mult, frac).astype(np.int64)
+    c = codes.astype(np.int64)
+    mant = np.where(c % 2 == 1, (2**frac + mult) / 2**frac, 1.0)
+    p = np.where(c < 255, mant * 2.0 ** -((c + 1) // 2), 0.0)
+    exact = np.einsum("hts,hsd->htd", p * 2.0**shift, v.astype(np.float64) - 100)
+    assert (got <= exact + 1e-9).all() and (exact - got < s).all()
+    assert (exact - got).mean() > 1  # floored, not rounded: inexact terms lose half a unit on average
+    # one term by hand: code 3 (2**-2 * 181/128), v - zp = -3, S = 14: floor(-3 * 181 * 2**7 / 4) = -17376
+    one = ref.log2_av(np.array([[[3]]], np.uint8), np.array([[[-3]]], np.int8), 0, shift, 255, mult, frac)
+    assert one.tolist() == [[[-3 * 181 * 2**7 // 4]]]
+
+
 @pytest.mark.parametrize("out_dtype,out_bits,out_zp", [("int8", 8, 0), ("int8", 8, -7), ("uint8", 8, 128),
                                                        ("int8", 4, 2), ("uint8", 6, 5)])
 def test_kernel_requant_rewrite_is_exact(out_dtype, out_bits, out_zp):

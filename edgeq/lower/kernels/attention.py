@@ -18,8 +18,8 @@ deit_tiny's D = 64 the row/column sums cost more than vpdpbusd saves: 0.095 agai
 ``log2_av_kernel`` PrimFunc: ``f(p_code[H,T,S] uint8, v[H,S,D], out[H,T,D] int32)``: ``v`` is turned into
 ``(v - v_zp) << base_shift`` once (for log-sqrt(2) codes also ``(v - v_zp) * (2**F + M) << (base_shift - F)``,
 picked by the code's parity), then every probability is an arithmetic right shift of a whole ``D``-vector
-(``vpsravd``/``srshl`` with one shift amount per (t, s), plus a rounding constant on x86) read from
-per-code tables. Zero codes read a row of zeros or shift to exactly 0: no mask, no multiply and no branch
+(``vpsravd``/``sshl`` with one shift amount per (t, s), floored) read from
+per-code tables. Zero codes read a row of zeros: no mask, no multiply and no branch
 in the loop over ``S``, which walks ``S`` in chunks whose rows of ``v`` stay in L1.
 """
 from __future__ import annotations
@@ -353,17 +353,14 @@ def _default_s_chunk(s: int) -> int:
 
 
 def _code_form_and_shift(code, sqrt2):
-    """(which prepared form of ``v``, shift amount, rounding constant or None) of a code (int32 expr).
+    """(which prepared form of ``v``, shift amount) of a code (int32 expr), both floor shifts.
 
-    Log2 codes: form 0, floor shift by ``c``. Log-sqrt(2) codes: form ``c & 1`` (``v * 2**S`` or
-    ``v * 2**S * mant``), shift ``min(ceil(c/2), 31)`` rounded half up, as :func:`reference.log2_av`.
+    Log2 codes: form 0, shift by ``min(c, 31)``. Log-sqrt(2) codes: form ``c & 1`` (``v * 2**S`` or
+    ``v * 2**S * mant``), shift ``min(ceil(c/2), 31)``, as :func:`reference.log2_av`.
     """
     if sqrt2 is None:
-        return tirx.const(0, "int32"), tirx.min(code, 31), None
-    amount = tirx.min(tirx.shift_right(code + 1, 1), 31)
-    # 2**(amount - 1), or 0 for amount 0; never 1 << 31 (int32 overflow: LLVM may fold it to anything)
-    rnd = tirx.shift_left(tirx.min(amount, 1), tirx.max(amount - 1, 0))
-    return tirx.bitwise_and(code, 1), amount, rnd
+        return tirx.const(0, "int32"), tirx.min(code, 31)
+    return tirx.bitwise_and(code, 1), tirx.min(tirx.shift_right(code + 1, 1), 31)
 
 
 def _prepared_v(V, D, v_dtype, v_zp, base_shift, sqrt2, vh, vf, vs, vd):
@@ -384,61 +381,47 @@ def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, 
     """Vector-granular log2 ``p @ v``: one block step adds ``vl`` lanes of one (t, s) term.
 
     ``VS[h]`` holds the prepared forms of ``v`` flat, row ``form * S + s`` at element ``(form * S + s) * Dp``
-    (``Dp``: ``D`` padded to whole ``d_vectors`` chunks), plus a row of zeros after them for log2 codes. Per
-    (t, s) the loop does only integer work on the code (its row offset) and loads two 256-entry tables:
-    ``LA`` the code's shift amount as a whole vector (``vpsravd`` reads it as is) and ``LN`` its rounding
-    constant; per vector it adds the rounding constant to the loaded row, shifts and accumulates. No mask:
+    (``Dp``: ``D`` padded to whole ``d_vectors`` chunks), plus a row of zeros after them. Per (t, s) the loop
+    does only integer work on the code (its row offset) and loads a 256-entry table ``LA``: the code's shift
+    amount as a whole vector (``vpsravd`` reads it as is); per vector it shifts the loaded row and
+    accumulates. No mask: a zero code's row is the zero row (a ``cmov``, not a branch: LLVM turned a select
+    with a table load in one arm into a mispredicted branch per term).
 
-    * log2 codes: a zero code's row is the zero row (a ``cmov``, not a branch: LLVM turned a select with a
-      table load in one arm into a mispredicted branch per term);
-    * log-sqrt(2) codes: a zero code shifts by 31 with rounding ``2**30``, exactly 0 since
-      :func:`reference.check_log2_sqrt2` keeps every prepared value below ``2**30`` in magnitude.
-
-    ``neon``: ``LA`` holds minus the amount for NEON's ``srshl`` (rounding shift: the same half-up rounding
-    without a rounding add or overflow) or ``sshl`` (log2 codes). ``S`` is walked in whole ``s_chunk`` steps
+    ``neon``: ``LA`` holds minus the amount for NEON's ``sshl`` (a negative amount shifts right, floored).
+    ``S`` is walked in whole ``s_chunk`` steps
     and the accumulator starts at the sum of the terms past them, so the loop carries no predicate (one
     would keep the accumulators out of registers).
     """
     Dp = ceil_div(ceil_div(D, vl), d_vectors) * d_vectors * vl
     DV = Dp // vl
     NF = 1 if sqrt2 is None else 2
-    NROWS = NF * S + (1 if sqrt2 is None else 0)
+    NROWS = NF * S + 1
     NR = NROWS * Dp
-    ZOFF = NF * S * Dp                  # the zero row (log2 codes)
+    ZOFF = NF * S * Dp                  # the zero row
     S_main = S // s_chunk * s_chunk
 
     def prepared(V, vh, vr, vd):
         form, vs = tirx.floordiv(vr, S), tirx.floormod(vr, S)
         return tirx.if_then_else(vr < NF * S, _prepared_v(V, D, v_dtype, v_zp, base_shift, sqrt2, vh, form, vs, vd), 0)
 
-    def amount_and_rounding(code):
-        """(shift amount, rounding constant) of a code value, zero codes included (see above)."""
-        _, amount, rnd = _code_form_and_shift(code, sqrt2)
-        if sqrt2 is None:
-            return amount, tirx.const(0, "int32")
-        live = code < zero_code
-        return tirx.if_then_else(live, amount, 31), tirx.if_then_else(live, rnd, 1 << 30)
-
-    def step(acc, Pc, VS, LA, LN, vh, vt, vs, vj):
+    def step(acc, Pc, VS, LA, vh, vt, vs, vj):
         code = tirx.Cast("int32", Pc[vh, vt, vs])
         if sqrt2 is None:
-            offset = tirx.Select(code < zero_code, vs * Dp, ZOFF)
+            row = vs * Dp
         else:  # form (code & 1) without a table load: the loop is bound by its loads
-            offset = tirx.bitwise_and(-tirx.bitwise_and(code, 1), S * Dp) + vs * Dp
+            row = tirx.bitwise_and(-tirx.bitwise_and(code, 1), S * Dp) + vs * Dp
+        offset = tirx.Select(code < zero_code, row, ZOFF)
         vec = VS[vh, tirx.Ramp(offset + vj * vl, 1, vl)]
         amount = LA[code, tirx.Ramp(0, 1, vl)]
         if neon:
-            intrin = "llvm.aarch64.neon.sshl.v4i32" if sqrt2 is None else "llvm.aarch64.neon.srshl.v4i32"
-            return acc + tirx.call_llvm_pure_intrin(f"int32x{vl}", intrin, vec, amount)
-        if sqrt2 is not None:
-            vec = vec + tirx.Broadcast(LN[code], vl)
+            return acc + tirx.call_llvm_pure_intrin(f"int32x{vl}", "llvm.aarch64.neon.sshl.v4i32", vec, amount)
         return acc + tirx.shift_right(vec, amount)
 
-    def tail_sum(Pc, VS, LA, LN, vh, vt, vj):
+    def tail_sum(Pc, VS, LA, vh, vt, vj):
         """The terms past the last whole chunk of ``S``: the accumulator's start."""
         acc = tirx.Broadcast(tirx.const(0, "int32"), vl)
         for k in range(S_main, S):
-            acc = step(acc, Pc, VS, LA, LN, vh, vt, tirx.const(k, "int32"), vj)
+            acc = step(acc, Pc, VS, LA, vh, vt, tirx.const(k, "int32"), vj)
         return acc
 
     @T.prim_func(s_tir=True)
@@ -446,7 +429,6 @@ def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, 
         T.func_attr({"tirx.noalias": True})
         VS = T.sblock_alloc_buffer((H, NR), "int32")
         LA = T.sblock_alloc_buffer((256, vl), "int32")
-        LN = T.sblock_alloc_buffer((256,), "int32")
         C = T.sblock_alloc_buffer((H, TQ, Dp), "int32")
         for hh, rr, dd in T.grid(H, NROWS, Dp):
             with T.sblock("VS"):
@@ -457,19 +439,15 @@ def _log2_av_vector_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, vl, 
         for cc, ll in T.grid(256, vl):
             with T.sblock("LA"):
                 vc, vll = T.axis.remap("SS", [cc, ll])
-                LA[vc, vll] = -amount_and_rounding(vc)[0] if neon else amount_and_rounding(vc)[0]
-        for cc in range(256):
-            with T.sblock("LN"):
-                vc = T.axis.spatial(256, cc)
-                LN[vc] = amount_and_rounding(vc)[1]
+                LA[vc, vll] = -_code_form_and_shift(vc, sqrt2)[1] if neon else _code_form_and_shift(vc, sqrt2)[1]
         for hh, tt, j, ss in T.grid(H, TQ, DV, S_main):
             with T.sblock("C"):
                 vh, vt, vj, vs = T.axis.remap("SSSR", [hh, tt, j, ss])
-                T.reads(Pc[vh, vt, 0:S], LA[0:256, 0:vl], LN[0:256], VS[vh, 0:NR])
+                T.reads(Pc[vh, vt, 0:S], LA[0:256, 0:vl], VS[vh, 0:NR])
                 T.writes(C[vh, vt, vj * vl: vj * vl + vl])
                 with T.init():
-                    C[vh, vt, T.ramp(vj * vl, 1, vl)] = tail_sum(Pc, VS, LA, LN, vh, vt, vj)
-                C[vh, vt, T.ramp(vj * vl, 1, vl)] = step(C[vh, vt, T.ramp(vj * vl, 1, vl)], Pc, VS, LA, LN,
+                    C[vh, vt, T.ramp(vj * vl, 1, vl)] = tail_sum(Pc, VS, LA, vh, vt, vj)
+                C[vh, vt, T.ramp(vj * vl, 1, vl)] = step(C[vh, vt, T.ramp(vj * vl, 1, vl)], Pc, VS, LA,
                                                          vh, vt, vs, vj)
         for hh, tt, dd in T.grid(H, TQ, D):
             with T.sblock("O"):
@@ -509,9 +487,8 @@ def _log2_av_func(H, TQ, S, D, v_dtype, v_zp, base_shift, zero_code, sqrt2=None)
 
     def term(Pc, VS, vh, vt, vs, vd):
         code = tirx.Cast("int32", Pc[vh, vt, vs])
-        form, shift, rnd = _code_form_and_shift(code, sqrt2)
-        value = VS[vh, form, vs, vd] if rnd is None else VS[vh, form, vs, vd] + rnd
-        return tirx.if_then_else(code < zero_code, tirx.shift_right(value, shift), 0)
+        form, shift = _code_form_and_shift(code, sqrt2)
+        return tirx.if_then_else(code < zero_code, tirx.shift_right(VS[vh, form, vs, vd], shift), 0)
 
     @T.prim_func(s_tir=True)
     def func(Pc: T.Buffer((H, TQ, S), "uint8"), V: T.Buffer((H, S, D), v_dtype), O: T.Buffer((H, TQ, D), "int32")):

@@ -47,17 +47,20 @@ Log2 attention probabilities (:func:`log2_av`)
 
         v0 = (v - v_zp) << S;   v1 = (v - v_zp) * (2**F + M) << (S - F)      # v * 2**S and v * 2**S * mant
         e = (c + 1) >> 1;  a = min(e, 31)
-        term = (v_{c & 1} + r) >> a;  r = 2**(a - 1) if a > 0 else 0          # rounded half up
+        term = v_{c & 1} >> a                                                 # floored, like log2 codes
 
-    (rounded, not floored: the many tiny-probability terms of an 8-bit code would otherwise all round the
-    same way; no multiply per term). Every term is ``round((v - v_zp) * 2**S * p / s)``, exact to 1/2, so
-    ``acc * 2**-S * s * v_scale`` is ``p @ v`` to ``T / 2`` units of ``2**-S * v_scale``.
+    Every term is ``floor((v - v_zp) * 2**S * p / s)``, so ``acc * 2**-S * s * v_scale`` is ``p @ v`` less at
+    most ``T`` units of ``2**-S * v_scale`` (a bias of about ``T / 2`` units: with the base shifts the
+    lowering picks, S = 14 at T = 197 without a softmax bound and S = 21 with one, at most 0.012 and 1e-4 of
+    ``v_scale``, far below the output's own quantization step). Floored, a term is a load, one shift and one
+    add per vector; rounding half up added a rounding constant per term and cost 20 % more time on AVX-512
+    (``bench/kernels.py``: 0.287 against 0.239 ms at deit_tiny's shapes, one thread).
 
-    Headroom (:func:`log2_av_max_shift`): per term ``255 * 2**S * (2**F + M) / 2**F < 2**30`` (the rounding
-    constant adds up to ``2**30``), and for the sum ``sum_j |term_j| < 2**31``, i.e. ``Tk * 255 * 2**S *
-    mant_max`` in general, or ``255 * 2**S * B + Tk`` when the caller has proved ``sum_j p_j / s <= B``
-    (softmax probabilities: ``B ~ 1.19 / s``, see :mod:`edgeq.lower.passes.attention`). The int32 sum is
-    taken modulo 2**32 anyway, so only the final value must fit; it does under either bound.
+    Headroom (:func:`log2_av_max_shift`): per term ``255 * 2**S * (2**F + M) / 2**F < 2**30``, and for the
+    sum ``sum_j |term_j| < 2**31``, i.e. ``Tk * 255 * 2**S * mant_max`` in general, or ``255 * 2**S * B + Tk``
+    when the caller has proved ``sum_j p_j / s <= B`` (softmax probabilities: ``B ~ 1.19 / s``, see
+    :mod:`edgeq.lower.passes.attention`). The int32 sum is taken modulo 2**32 anyway, so only the final value
+    must fit; it does under either bound.
 """
 from __future__ import annotations
 
@@ -267,7 +270,9 @@ def log2_av_max_shift(tk: int, odd_multiplier: int | None = None, frac_bits: int
         mant, min_shift = 1.0, 0
     else:
         mant, min_shift = (2**frac_bits + int(odd_multiplier)) / 2**frac_bits, frac_bits
-    room = 2**31 if odd_multiplier is None else 2**30   # the rounding constant takes up to 2**30
+    # log-sqrt(2) terms keep a factor 2 of headroom, as when they were rounded half up (the rounding constant
+    # took up to 2**30): S = 21 already puts the terms' floor far below the output's quantization step
+    room = 2**31 if odd_multiplier is None else 2**30
 
     def fits(shift: int) -> bool:
         per_term = 255 * mant * 2**shift
@@ -291,7 +296,7 @@ def log2_av(p_code, v, v_zp: int = 0, base_shift: int = 15, zero_code: int = 255
     ``p_code``: uint8 [H, T, Tk] (``p ~= 2**-code``, codes ``>= zero_code`` are 0);
     ``v``: int8/uint8 [H, Tk, D]; result int32 [H, T, D] in units of ``2**-base_shift * v_scale``.
     With ``odd_multiplier`` the codes are log-sqrt(2) codes read as log2 (``2**-ceil(c/2)`` times the
-    odd-code mantissa, ``base_shift >= frac_bits``), each term rounded half up. See the module docstring.
+    odd-code mantissa, ``base_shift >= frac_bits``), each term floored. See the module docstring.
     """
     p = np.asarray(p_code)
     if p.dtype != np.uint8:
@@ -310,20 +315,18 @@ def log2_av(p_code, v, v_zp: int = 0, base_shift: int = 15, zero_code: int = 255
         forms = np.stack([centered << base_shift])        # [1, H, Tk, D]
         which = np.zeros_like(c)
         amount = np.minimum(c, 31)
-        rnd = np.zeros_like(amount)
     else:
         check_log2_sqrt2(base_shift, odd_multiplier, frac_bits)
         v1 = centered * (2**frac_bits + int(odd_multiplier)) << (base_shift - frac_bits)
         forms = np.stack([centered << base_shift, v1])
         which = c & 1
         amount = np.minimum((c + 1) >> 1, 31)
-        rnd = (np.int64(1) << amount) >> 1
-    # terms[h, t, j, d] = (forms[which, h, j, d] + rnd) >> amount[h, t, j]; summed over j without [H,T,Tk,D]
+    # terms[h, t, j, d] = forms[which, h, j, d] >> amount[h, t, j]; summed over j without [H,T,Tk,D]
     out = np.zeros((p.shape[0], p.shape[1], v.shape[2]), dtype=np.int64)
     heads = np.arange(p.shape[0])[:, None]
     for j in range(p.shape[2]):
         vj = forms[which[:, :, j], heads, j, :]             # [H, T, D]
-        term = (vj + rnd[:, :, j, None]) >> amount[:, :, j, None]
+        term = vj >> amount[:, :, j, None]
         out += np.where(live[:, :, j, None], term, 0)
     return out.astype(np.int32)
 

@@ -22,9 +22,9 @@ as 0 by the kernel; edgeq's quantize half never produces them (it clamps to ``Z`
     acc = R.call_tir(log2_av_kernel, (reshape(codes, [G, T, S]), reshape(v, [G, S, D])))  # int32 [G, T, D]
     y   = reshape(astype(acc, float32) * (s * sv * 2**-base_shift), [..., T, D])
 
-The kernel computes each term as ``(v - zv) * 2**S * mant / 2**e`` rounded half up (see
-:func:`edgeq.lower.kernels.reference.log2_av`): against the float product the error is at most ``T * 2**-(S+1)``
-units of ``sv``. ``S`` is the largest base shift int32 allows (edgeq's F = 8, M = 106 is read as the equal
+The kernel computes each term as ``(v - zv) * 2**S * mant / 2**e`` floored (see
+:func:`edgeq.lower.kernels.reference.log2_av`): against the float product the error is at most ``T * 2**-S``
+units of ``sv``, all on one side. ``S`` is the largest base shift int32 allows (edgeq's F = 8, M = 106 is read as the equal
 F = 7, M = 53): per term ``255 * 2**S * 181/128 < 2**30`` (S <= 21), and for the sum either the general
 ``T * 255 * 2**S * 181/128 < 2**31`` (S = 14 at T = 197) or, when the codes are verified to quantize a
 softmax over the matmul's axis (:func:`softmax_prob_sum`: an elementwise chain from ``R.nn.softmax``, monotone
