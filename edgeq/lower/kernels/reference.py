@@ -53,8 +53,9 @@ Log2 attention probabilities (:func:`log2_av`)
     most ``T`` units of ``2**-S * v_scale`` (a bias of about ``T / 2`` units: with the base shifts the
     lowering picks, S = 14 at T = 197 without a softmax bound and S = 21 with one, at most 0.012 and 1e-4 of
     ``v_scale``, far below the output's own quantization step). Floored, a term is a load, one shift and one
-    add per vector; rounding half up added a rounding constant per term and cost 20 % more time on AVX-512
-    (``bench/kernels.py``: 0.287 against 0.239 ms at deit_tiny's shapes, one thread).
+    add per vector; rounding half up added a rounding constant per term and cost about 10 % more time on
+    AVX-512 (``bench/kernels.py --threads 1 --clock thread``, deit_tiny's shapes: 0.309 against 0.280 ms, medians
+    of three interleaved runs).
 
     Headroom (:func:`log2_av_max_shift`): per term ``255 * 2**S * (2**F + M) / 2**F < 2**30``, and for the
     sum ``sum_j |term_j| < 2**31``, i.e. ``Tk * 255 * 2**S * mant_max`` in general, or ``255 * 2**S * B + Tk``
