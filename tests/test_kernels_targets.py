@@ -124,16 +124,24 @@ def test_aarch64_qlinear_bit_exact_under_qemu(target, m, k, n, x_dtype, w_bits, 
     info = np.iinfo(x_dtype)
     x = rng.integers(info.min, info.max + 1, (m, k)).astype(x_dtype)
     w8 = rng.integers(-8, 8, (n, k)).astype(np.int8) if w_bits == 4 else rng.integers(-128, 128, (n, k)).astype(np.int8)
-    w = ref.pack_int4(w8) if w_bits == 4 else w8
-    bias = rng.integers(-3000, 3000, n).astype(np.int32)
-    mult, shift = ref.quantize_multipliers(rng.uniform(1e-4, 2e-2, n))
     x_zp = 11 if x_dtype == "uint8" else -3
+    check_under_qemu(kern, target, x, x_zp, w8, rng, scales=(1e-4, 2e-2))
+
+
+def check_under_qemu(kern, target, x, x_zp, w8, rng, scales):
+    """Pack ``w8`` (int4 values packed when the kernel stores 4 bits), run ``kern`` under qemu, compare bit for bit
+    with the numpy reference (random bias and requantization scales drawn from ``scales``)."""
+    m, n = kern.m, kern.n
+    w = ref.pack_int4(w8) if kern.w_bits == 4 else w8
+    bias = rng.integers(-3000, 3000, n).astype(np.int32)
+    mult, shift = ref.quantize_multipliers(rng.uniform(*scales, n))
     packed = kern.pack(w, bias, x_zp, mult, shift)
-    out = run_aarch64(kern.func, kern.name, target, [x] + [packed[p] for p in kern.param_names[1:-1]], (m, n), out_dtype)
-    if out_dtype == "int32":
+    out = run_aarch64(kern.func, kern.name, target, [x] + [packed[p] for p in kern.param_names[1:-1]], (m, n),
+                      kern.out_dtype)
+    if kern.out_dtype == "int32":
         expect = ref.qlinear_acc(x, x_zp, w, bias)
     else:
-        expect = ref.qlinear(x, x_zp, w, bias, mult, shift, out_zp, 8, out_dtype)
+        expect = ref.qlinear(x, x_zp, w, bias, mult, shift, kern.out_zp, 8, kern.out_dtype)
     np.testing.assert_array_equal(out, expect)
 
 
@@ -168,16 +176,7 @@ def test_aarch64_int16_accumulation_bit_exact_under_qemu(m, k, n, x_dtype, w_bit
         x = rng.integers(lo, lo + 2**a_bits, (m, k)).astype(x_dtype)
         w8 = rng.integers(-(2 ** (w_bits - 1)), 2 ** (w_bits - 1), (n, k)).astype(np.int8)
         x_zp = 3 if x_dtype == "uint8" else -1
-    w = ref.pack_int4(w8) if w_bits == 4 else w8
-    bias = rng.integers(-3000, 3000, n).astype(np.int32)
-    mult, shift = ref.quantize_multipliers(rng.uniform(1e-6, 2e-4, n))
-    packed = kern.pack(w, bias, x_zp, mult, shift)
-    out = run_aarch64(kern.func, kern.name, A72, [x] + [packed[p] for p in kern.param_names[1:-1]], (m, n), out_dtype)
-    if out_dtype == "int32":
-        expect = ref.qlinear_acc(x, x_zp, w, bias)
-    else:
-        expect = ref.qlinear(x, x_zp, w, bias, mult, shift, out_zp, 8, out_dtype)
-    np.testing.assert_array_equal(out, expect)
+    check_under_qemu(kern, A72, x, x_zp, w8, rng, scales=(1e-6, 2e-4))
 
 
 @needs_qemu

@@ -344,62 +344,44 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
 
     c16_shape = (Mp, NBLK, GO, J * LV)
 
+    @T.macro
+    def body(X, Wp, Bias, RQ, O):
+        C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
+        P = T.sblock_alloc_buffer(p_shape, lane_dtype)
+        if direct:
+            A = T.decl_buffer((M, KG), "int32", data=X.data)
+        else:
+            A = T.sblock_alloc_buffer(a_shape, a_dtype)
+            stage_a(X, A)
+        if wide16:
+            C16 = T.sblock_alloc_buffer(c16_shape, "int16")
+            if needs_panel:
+                stage_p(Wp, P)
+                stage_c16(A, P, C16, C)
+            else:
+                stage_c16(A, Wp, C16, C)
+        elif needs_panel:
+            stage_p(Wp, P)
+            stage_c(A, P, C)
+        else:
+            stage_c(A, Wp, C)
+        for mm, nn in T.grid(M, N):
+            with T.sblock("O"):
+                vm, vn = T.axis.remap("SS", [mm, nn])
+                O[vm, vn] = epilogue(C, Bias, RQ, vm, vn)
+
     if requant:
         @T.prim_func(s_tir=True)
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
                  RQ: T.Buffer((6, N), "int32"), O: T.Buffer((M, N), out_dtype)):
             T.func_attr({"tirx.noalias": True})
-            C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
-            P = T.sblock_alloc_buffer(p_shape, lane_dtype)
-            if direct:
-                A = T.decl_buffer((M, KG), "int32", data=X.data)
-            else:
-                A = T.sblock_alloc_buffer(a_shape, a_dtype)
-                stage_a(X, A)
-            if wide16 and needs_panel:
-                C16 = T.sblock_alloc_buffer(c16_shape, "int16")
-                stage_p(Wp, P)
-                stage_c16(A, P, C16, C)
-            elif wide16:
-                C16 = T.sblock_alloc_buffer(c16_shape, "int16")
-                stage_c16(A, Wp, C16, C)
-            elif needs_panel:
-                stage_p(Wp, P)
-                stage_c(A, P, C)
-            else:
-                stage_c(A, Wp, C)
-            for mm, nn in T.grid(M, N):
-                with T.sblock("O"):
-                    vm, vn = T.axis.remap("SS", [mm, nn])
-                    O[vm, vn] = epilogue(C, Bias, RQ, vm, vn)
+            body(X, Wp, Bias, RQ, O)
     else:
         @T.prim_func(s_tir=True)
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
                  O: T.Buffer((M, N), "int32")):
             T.func_attr({"tirx.noalias": True})
-            C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
-            P = T.sblock_alloc_buffer(p_shape, lane_dtype)
-            if direct:
-                A = T.decl_buffer((M, KG), "int32", data=X.data)
-            else:
-                A = T.sblock_alloc_buffer(a_shape, a_dtype)
-                stage_a(X, A)
-            if wide16 and needs_panel:
-                C16 = T.sblock_alloc_buffer(c16_shape, "int16")
-                stage_p(Wp, P)
-                stage_c16(A, P, C16, C)
-            elif wide16:
-                C16 = T.sblock_alloc_buffer(c16_shape, "int16")
-                stage_c16(A, Wp, C16, C)
-            elif needs_panel:
-                stage_p(Wp, P)
-                stage_c(A, P, C)
-            else:
-                stage_c(A, Wp, C)
-            for mm, nn in T.grid(M, N):
-                with T.sblock("O"):
-                    vm, vn = T.axis.remap("SS", [mm, nn])
-                    O[vm, vn] = epilogue(C, Bias, None, vm, vn)
+            body(X, Wp, Bias, None, O)
     return func
 
 
