@@ -16,7 +16,10 @@ For each model (batch 1; timm models with random weights, edgeq reference models
                    with ``--method`` (default lrp-qvit, what ``edgeq build`` uses: log2 post-Softmax codes;
                    random calibration images, the scales do not change the latency), QDQ export,
                    :func:`edgeq.lower.integer.lower_integer`, ``compile_relax`` -- reported as not available
-                   when the integer lowering is not importable.
+                   when the integer lowering is not importable;
+* ``edgeq w8a8-unfused`` (with ``--unfused``): the same W8A8 file with ``lower_integer(fuse_epilogues=False)``:
+                   the float ops after fc1 (dequantize, GELU, quantize) as separate glue instead of in the GEMM's
+                   epilogue, to show what the fusion buys in the same run.
 
 Each edgeq build runs in a child process, which reports its compile time (import + lowering + TVM build +
 link) and its peak resident memory (``ru_maxrss``, Python and the libraries included). Timing interleaves the
@@ -68,7 +71,7 @@ def build_child(spec_path: str) -> int:
     if spec["integer"]:
         from edgeq.lower.integer import lower_integer
 
-        mod = lower_integer(mod, target)
+        mod = lower_integer(mod, target, fuse_epilogues=spec.get("fuse_epilogues", True))
     built = compile_relax(mod, target)
     export_library(built, "host", spec["library"])
     seconds = time.perf_counter() - start
@@ -77,10 +80,11 @@ def build_child(spec_path: str) -> int:
     return 0
 
 
-def run_build(onnx_path: Path, library: Path, *, integer: bool, threads: int, timeout: float) -> dict:
+def run_build(onnx_path: Path, library: Path, *, integer: bool, threads: int, timeout: float,
+              fuse_epilogues: bool = True) -> dict:
     spec = library.with_suffix(".json")
     spec.write_text(json.dumps({"onnx": str(onnx_path), "library": str(library), "integer": integer,
-                                "threads": threads}))
+                                "threads": threads, "fuse_epilogues": fuse_epilogues}))
     proc = subprocess.run([sys.executable, __file__, "--build-child", str(spec)], capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode:
@@ -193,7 +197,7 @@ def prepare_model(name: str, args, work: Path, log) -> tuple[list[tuple[str, obj
     contenders.append(("ort int8", lambda: ort_int8.run(None, {"input": example})))
     outputs["ort int8"] = ort_int8.run(None, {"input": example})[0]
 
-    variants = [("edgeq fp32", float_onnx, False)]
+    variants = [("edgeq fp32", float_onnx, False, True)]
     from edgeq.quant import quantize
 
     images = torch.from_numpy(calib)
@@ -201,16 +205,19 @@ def prepare_model(name: str, args, work: Path, log) -> tuple[list[tuple[str, obj
         log(f"{name}: {label} quantization and QDQ export")
         try:
             qmodel = quantize(model, images, plan, method=args.method)
-            variants.append((label, export_onnx(qmodel, work / f"{slug}.{label.split()[1].replace('/', '-')}.onnx",
-                                                int4="int8", batch=1), True))
+            onnx_path = export_onnx(qmodel, work / f"{slug}.{label.split()[1].replace('/', '-')}.onnx", int4="int8",
+                                    batch=1)
+            variants.append((label, onnx_path, True, True))
+            if args.unfused and plan == "w8a8":
+                variants.append(("edgeq w8a8-unfused", onnx_path, True, False))
         except Exception as err:  # report and go on with the other contenders
             builds.append({"contender": label, "error": f"quantize/export: {err}"})
 
-    for label, path, integer in variants:
+    for label, path, integer, fuse in variants:
         log(f"{name}: building {label}")
         library = work / f"{slug}.{label.split()[1].replace('/', '-')}.so"
         row = {"contender": label, **run_build(path, library, integer=integer, threads=args.threads,
-                                               timeout=args.build_timeout)}
+                                               timeout=args.build_timeout, fuse_epilogues=fuse)}
         builds.append(row)
         if "error" in row:
             continue
@@ -260,20 +267,20 @@ def summarize(name: str, times, builds, agreement) -> list[dict]:
 
 
 def print_table(rows) -> None:
-    header = f"{'model':<24} {'contender':<12} {'median ms':>10} {'p90 ms':>9} {'/ort fp32':>9} {'/ort int8':>9} " \
+    header = f"{'model':<24} {'contender':<18} {'median ms':>10} {'p90 ms':>9} {'/ort fp32':>9} {'/ort int8':>9} " \
              f"{'build s':>8} {'peak MiB':>9} {'max|diff|':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<24} {r['contender']:<12} not available: {r['error']}")
+            print(f"{r['model']:<24} {r['contender']:<18} not available: {r['error']}")
             continue
 
         def f(key, fmt):
             value = r.get(key)
             return format(value, fmt) if isinstance(value, (int, float)) else ""
 
-        print(f"{r['model']:<24} {r['contender']:<12} {f('median_ms', '10.2f'):>10} {f('p90_ms', '9.2f'):>9} "
+        print(f"{r['model']:<24} {r['contender']:<18} {f('median_ms', '10.2f'):>10} {f('p90_ms', '9.2f'):>9} "
               f"{f('vs_ort_fp32', '9.2f'):>9} {f('vs_ort_int8', '9.2f'):>9} {f('compile_s', '8.1f'):>8} "
               f"{f('peak_mib', '9.0f'):>9} {f('max_abs_diff_vs_torch', '9.1e'):>9}")
 
@@ -288,6 +295,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", choices=["lrp-qvit", "repq", "minmax"], default="lrp-qvit",
                     help="edgeq's quantization method (minmax: uniform post-Softmax codes instead of log2)")
     ap.add_argument("--build-timeout", type=float, default=1800.0)
+    ap.add_argument("--unfused", action="store_true", help="also time W8A8 without epilogue fusion")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--build-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -124,8 +124,10 @@ def _harness(workdir: Path) -> Path:
 
 
 def run_aarch64(func: tvm.tirx.PrimFunc, name: str, target, inputs: list[np.ndarray], out_shape,
-                out_dtype: str, qemu_cpu: str = "max", timeout: float = 300) -> np.ndarray:
-    """Compile ``func`` for an aarch64 ``target``, run it under qemu on ``inputs``, return the output."""
+                out_dtype: str, qemu_cpu: str = "max", timeout: float = 300,
+                tir_pipeline: str = "default") -> np.ndarray:
+    """Compile ``func`` for an aarch64 ``target`` (with ``tir_pipeline``), run it under qemu on ``inputs``, return
+    the output."""
     from tvm.support import cc
 
     tools = aarch64_tools()
@@ -133,7 +135,7 @@ def run_aarch64(func: tvm.tirx.PrimFunc, name: str, target, inputs: list[np.ndar
         raise RuntimeError(f"aarch64 cross compiler, qemu-aarch64 or sysroot missing: {tools}")
     with tempfile.TemporaryDirectory(prefix="edgeq-a64-") as tmp:
         work = Path(tmp)
-        lib = tvm.compile(tvm.IRModule({name: func}), target=target)
+        lib = tvm.compile(tvm.IRModule({name: func}), target=target, tir_pipeline=tir_pipeline)
         so = work / "kernel.so"
         lib.export_library(str(so), fcompile=cc.cross_compiler(tools["gcc"]))
         lines = [str(len(inputs) + 1)]

@@ -21,8 +21,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from edgeq.lower.passes import (FuseLog2AV, FuseQLinear, FuseQMatmul, FuseSoftmaxLog2Codes, MultiplyByReciprocal,
-                                RemoveDeadQDQ)
+from edgeq.lower.passes import (FuseLog2AV, FuseQLinear, FuseQLinearEpilogue, FuseQMatmul, FuseSoftmaxLog2Codes,
+                                MultiplyByReciprocal, RemoveDeadQDQ)
 from edgeq.lower.passes._graph import KERNEL_LAYERS_ATTR, Graph
 from edgeq.lower.relax_import import module_json_attr
 from edgeq.compile.targets import as_tvm_target
@@ -37,12 +37,13 @@ _PARAMS = {
 }
 
 
-def lower_integer(mod: tvm.IRModule, target) -> tvm.IRModule:
+def lower_integer(mod: tvm.IRModule, target, *, fuse_epilogues: bool = True) -> tvm.IRModule:
     """Rewrite the quantized layers of ``mod`` (from :func:`edgeq.lower.relax_import.import_onnx`) into integer kernels.
 
     ``target``: an edgeq board name or :class:`~edgeq.compile.targets.TargetSpec`, a ``tvm.target.Target`` or a TVM
     target dict; the kernels are scheduled for it. Raises :class:`~edgeq.errors.UnsupportedModelError` naming
-    the binding of a quantized pattern no kernel covers.
+    the binding of a quantized pattern no kernel covers. ``fuse_epilogues=False`` leaves the float ops after
+    int32 kernels as separate glue (the fused build computes the same codes; tests compare the two).
     """
     tvm_target = as_tvm_target(target)
     seq = tvm.transform.Sequential([
@@ -52,7 +53,7 @@ def lower_integer(mod: tvm.IRModule, target) -> tvm.IRModule:
         FuseSoftmaxLog2Codes(tvm_target),
         RemoveDeadQDQ(),
         MultiplyByReciprocal(),  # the float glue left between the kernels: after every pattern was matched
-    ], name="edgeq.LowerInteger")
+    ] + ([FuseQLinearEpilogue(tvm_target)] if fuse_epilogues else []), name="edgeq.LowerInteger")
     return seq(mod)
 
 
@@ -84,8 +85,13 @@ def kernel_constants(mod: tvm.IRModule, entry: str = "main") -> dict[str, np.nda
     for layer, callee, call in integer_kernel_calls(mod, entry):
         names = _PARAMS[_kernel_kind(callee)]
         for name, arg in zip(names, call.args[1].fields):
-            if isinstance(arg, tvm.ir.expr.Constant):
-                out[f"{layer}.{name}"] = arg.value.numpy()
+            if not isinstance(arg, tvm.ir.expr.Constant):
+                continue
+            value = arg.value.numpy()
+            if name == "requant" and value.dtype == np.float32:  # a float epilogue's [scale; bias residual]
+                out.update({f"{layer}.{row}": v for row, v in zip(("scale", "bias_residual"), value)})
+            else:
+                out[f"{layer}.{name}"] = value
     graph = Graph(mod[entry])
     layers = module_json_attr(mod, KERNEL_LAYERS_ATTR)
     # the float scale that follows a kernel: multiply(astype(kernel_out, float32), const)

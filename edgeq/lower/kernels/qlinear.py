@@ -10,6 +10,8 @@ PrimFunc signature (all row-major, shapes fixed at build time)::
     out="int8"/"uint8":  f(x[M,K] int8|uint8, w[...] packed, bias[N] int32, requant[6,N] int32,
                           out[M,N] out_dtype)
     out="int32":         f(x[M,K] int8|uint8, w[...] packed, bias[N] int32, out[M,N] int32)
+    float epilogue:      f(x[M,K] int8|uint8, w[...] packed, bias[N] int32, dequant[R,N] float32,
+                          out[M,N] int8|uint8)
 
 ``w`` is the panel layout of :func:`edgeq.lower.kernels.micro.pack_weight_panels` and ``bias`` is the
 *effective* bias ``bias - x_zp' * sum_k w[n, k]`` (``x_zp' = x_zp + micro.act_offset(x_dtype)``): the
@@ -26,12 +28,16 @@ Kernel stages (one PrimFunc):
    per parallel task, then reuse it for every activation row;
 3. ``C``: register-tiled micro-kernel steps (``mr`` rows x ``nb`` channels of int32 accumulators);
 4. ``O``: epilogue fused into the tile loop: add the bias, then requantize with 32-bit SIMD arithmetic that
-   equals the reference's int64 formula (:mod:`.requant`), or keep int32.
+   equals the reference's int64 formula (:mod:`.requant`), or keep int32, or (with ``epilogue``, a
+   :class:`~.epilogue.FloatTail`) return to float (``acc * dequant[0] [+ dequant[1]]``: the per-channel scale
+   and bias residual) and run the float ops that follow the layer up to the next quantize (fc1's GELU).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import tvm
@@ -40,6 +46,7 @@ from tvm.script import tirx as T
 from tvm.s_tir import Schedule
 
 from . import reference as ref
+from .epilogue import FloatTail
 from .requant import requant_params, requant_tir
 from .micro import (MICROKERNELS, Microkernel, as_target, ceil_div, int16_accumulation_steps, pack_weight_panels,
                     select_microkernel)
@@ -114,6 +121,7 @@ class QLinearKernel:
     micro: Microkernel
     param_names: tuple[str, ...] = field(default=())
     a_bits: int = 8
+    epilogue: Optional[FloatTail] = None
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -144,7 +152,7 @@ class QLinearKernel:
         b = np.zeros(self.n, np.int64) if bias is None else np.asarray(bias, np.int64).reshape(self.n)
         bias_eff = (b - zp_eff * w8.astype(np.int64).sum(axis=1)).astype(np.int32)  # modulo 2**32
         out = {"w": pack_weight_panels(w8, self.micro, self.w_bits), "bias": bias_eff}
-        if self.out_dtype != "int32":
+        if self.out_dtype != "int32" and self.epilogue is None:
             if multiplier is None or shift is None:
                 raise ValueError("a requantizing kernel needs multiplier and shift")
             out["requant"] = requant_params(multiplier, shift, self.n, self.out_zp, self.out_bits, self.out_dtype)
@@ -155,7 +163,8 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
                    out_dtype: str = "int8", out_bits: int = 8, out_zp: int = 0,
                    family: str | None = None, name: str | None = None,
                    num_tasks: int | None = None, mr: int | None = None, nb: int | None = None,
-                   k_unroll: int = 1, a_bits: int = 8) -> QLinearKernel:
+                   k_unroll: int = 1, a_bits: int = 8, epilogue: Optional[FloatTail] = None,
+                   dequant_rows: int = 1) -> QLinearKernel:
     """A scheduled qlinear PrimFunc for ``x[m,k] @ w[n,k]^T`` on ``target`` (dict, tag or Target).
 
     ``out_dtype`` "int32" returns the accumulator plus bias (for float islands); "int8"/"uint8" requantize
@@ -163,7 +172,14 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
     ``a_bits``: the activations' width: ``x`` must hold ``a_bits``-bit values (``[0, 2**a_bits)`` as uint8,
     ``[-2**(a_bits-1), 2**(a_bits-1))`` as int8), which lets narrow kernels (``arm_neon_s16``) accumulate in
     int16 lanes; wider values would break their exactness.
+    ``epilogue``: a float tail (then ``out_dtype`` must be "int32", the accumulator it starts from); the kernel
+    takes a ``dequant[dequant_rows, N]`` float32 input (scale, and with 2 rows the bias residual) and writes the
+    tail's codes. The call's arguments are recorded in the PrimFunc attribute ``edgeq.qlinear`` (JSON), so a
+    later pass can rebuild the same kernel with an epilogue (:mod:`edgeq.lower.passes.epilogue`).
     """
+    build_args = dict(m=m, k=k, n=n, x_dtype=x_dtype, w_bits=w_bits, out_dtype=out_dtype, out_bits=out_bits,
+                      out_zp=out_zp, family=family, num_tasks=num_tasks, mr=mr, nb=nb, k_unroll=k_unroll,
+                      a_bits=a_bits)
     if x_dtype not in ("int8", "uint8"):
         raise ValueError(f"x_dtype must be int8 or uint8, not {x_dtype!r}")
     if w_bits not in (4, 8):
@@ -178,6 +194,10 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
         raise ValueError(f"shapes must be positive, got m={m} k={k} n={n}")
     if not 2 <= a_bits <= 8:
         raise ValueError(f"a_bits must be in 2..8, not {a_bits}")
+    if epilogue is not None and out_dtype != "int32":
+        raise ValueError("a float epilogue starts from the int32 accumulator: out_dtype must be int32")
+    if dequant_rows not in (1, 2):
+        raise ValueError(f"dequant_rows must be 1 (scale) or 2 (scale, bias residual), not {dequant_rows}")
     tgt = as_target(target)
     micro = select_microkernel(tgt, family)
     if micro.family == "x86_avx2" and w_bits == 4 and family is None:
@@ -197,19 +217,28 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
         micro = dataclasses.replace(micro, mr=mr or micro.mr, nb=panel)
     if micro.nb % micro.vl:
         raise ValueError(f"nb={micro.nb} must be a multiple of the vector length {micro.vl}")
-    func = _qlinear_func(m, k, n, micro, x_dtype, w_bits, out_dtype, out_bits, out_zp, a_bits)
+    func = _qlinear_func(m, k, n, micro, x_dtype, w_bits, out_dtype, out_bits, out_zp, a_bits,
+                         epilogue, dequant_rows)
     if micro.family == "cuda":
         func = _schedule_gpu(func, micro)
     else:
         func = _schedule_cpu(func, micro, num_tasks or _default_tasks(tgt), k_unroll, w_bits)
     # every build parameter is in the name: the Relax glue adds one PrimFunc per distinct name
     out_tag = "int32" if out_dtype == "int32" else f"{out_dtype}b{out_bits}z{out_zp}".replace("-", "m")
+    if epilogue is not None:
+        out_tag = f"{epilogue.out_dtype}_f{dequant_rows}x{epilogue.key}"
+        out_dtype = epilogue.out_dtype
     tile = f"_t{micro.mr}x{micro.nb}" if (mr or nb or k_unroll != 1) else ""
     a_tag = "" if a_bits == 8 else f"a{a_bits}"
     name = name or f"edgeq_qlinear_{micro.family}_m{m}k{k}n{n}_w{w_bits}{a_tag}_{x_dtype}_{out_tag}{tile}"
     func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
-    params = ("x", "w", "bias") + (() if out_dtype == "int32" else ("requant",)) + ("out",)
-    return QLinearKernel(func, name, m, k, n, x_dtype, w_bits, out_dtype, out_bits, out_zp, micro, params, a_bits)
+    func = func.with_attr("edgeq.qlinear", json.dumps(build_args, sort_keys=True))
+    if epilogue is not None:
+        params = ("x", "w", "bias", "dequant", "out")
+    else:
+        params = ("x", "w", "bias") + (() if out_dtype == "int32" else ("requant",)) + ("out",)
+    return QLinearKernel(func, name, m, k, n, x_dtype, w_bits, out_dtype, out_bits, out_zp, micro, params, a_bits,
+                         epilogue)
 
 
 def _panel_width(n: int, micro: Microkernel) -> int:
@@ -227,7 +256,7 @@ def _default_tasks(tgt: tvm.target.Target) -> int:
 
 
 def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_bits, out_zp,
-                  a_bits: int = 8) -> tirx.PrimFunc:
+                  a_bits: int = 8, tail: Optional[FloatTail] = None, dequant_rows: int = 1) -> tirx.PrimFunc:
     kg, nb, vl, mr = micro.kg, micro.nb, micro.vl, micro.mr
     Mp = ceil_div(M, mr) * mr
     KG = ceil_div(K, kg)
@@ -283,6 +312,9 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
 
     def epilogue(C, Bias, RQ, vm, vn):
         acc = C[vm, tirx.floordiv(vn, nb), tirx.floormod(vn, nb)] + Bias[vn]
+        if tail is not None:  # RQ is the dequant buffer: as the unfused astype -> multiply [-> add]
+            value = tirx.Cast("float32", acc) * RQ[0, vn]
+            return tail.expr(value + RQ[1, vn] if dequant_rows == 2 else value)
         if not requant:
             return acc
         return requant_tir(acc, RQ, vn, out_zp, out_bits, out_dtype)
@@ -370,7 +402,13 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
                 vm, vn = T.axis.remap("SS", [mm, nn])
                 O[vm, vn] = epilogue(C, Bias, RQ, vm, vn)
 
-    if requant:
+    if tail is not None:
+        @T.prim_func(s_tir=True)
+        def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
+                 DQ: T.Buffer((dequant_rows, N), "float32"), O: T.Buffer((M, N), tail.out_dtype)):
+            T.func_attr({"tirx.noalias": True})
+            body(X, Wp, Bias, DQ, O)
+    elif requant:
         @T.prim_func(s_tir=True)
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
                  RQ: T.Buffer((6, N), "int32"), O: T.Buffer((M, N), out_dtype)):

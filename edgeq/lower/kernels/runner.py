@@ -30,10 +30,10 @@ def host_target(num_cores: int | None = None) -> tvm.target.Target:
 class HostKernel:
     """``HostKernel(func, name, target)(*arrays, out_shape=..., out_dtype=...) -> np.ndarray``."""
 
-    def __init__(self, func: tvm.tirx.PrimFunc, name: str, target=None):
+    def __init__(self, func: tvm.tirx.PrimFunc, name: str, target=None, tir_pipeline: str = "default"):
         self.target = as_target(target) if target is not None else host_target()
         self.name = name
-        self.executable = tvm.compile(tvm.IRModule({name: func}), target=self.target)
+        self.executable = tvm.compile(tvm.IRModule({name: func}), target=self.target, tir_pipeline=tir_pipeline)
         self.function = self.executable[name]
         self.device = tvm.cpu()
 

@@ -8,14 +8,17 @@
   ``softmax_log2_codes`` kernel (codes without a probability tensor or a per-element log);
 * :class:`RemoveDeadQDQ` (:mod:`.cleanup`) -- drop the dead dequantize chains, refuse quantized ops left in float;
 * :class:`MultiplyByReciprocal` (:mod:`.reciprocal`) -- the float glue's divisions by constants (GELU's
-  ``/ sqrt(2)``, every activation quantize) become multiplications by float32 reciprocals.
+  ``/ sqrt(2)``, every activation quantize) become multiplications by float32 reciprocals;
+* :class:`FuseQLinearEpilogue` (:mod:`.epilogue`) -- the float ops from an int32 ``qlinear`` to the next quantize
+  (fc1's dequantize, GELU, quantize) move into the kernel's epilogue (CPU targets).
 
 :func:`edgeq.lower.integer.lower_integer` runs them in this order.
 """
 from .attention import FuseLog2AV, FuseQMatmul
 from .cleanup import RemoveDeadQDQ
+from .epilogue import FuseQLinearEpilogue
 from .qlinear import FuseQLinear
 from .reciprocal import MultiplyByReciprocal
 from .softmax_codes import FuseSoftmaxLog2Codes
 
-__all__ = ["FuseLog2AV", "FuseQLinear", "FuseQMatmul", "FuseSoftmaxLog2Codes", "MultiplyByReciprocal", "RemoveDeadQDQ"]
+__all__ = ["FuseLog2AV", "FuseQLinear", "FuseQLinearEpilogue", "FuseQMatmul", "FuseSoftmaxLog2Codes", "MultiplyByReciprocal", "RemoveDeadQDQ"]
