@@ -10,8 +10,9 @@ The headline is the deit_tiny MLP/QKV-sized linear layer ``x[197,192] @ w[768,19
 * torch float32 matmul;
 * onnxruntime ``MatMulInteger`` (uint8 x int8 -> int32, MLAS).
 
-and, for attention at deit_tiny size (H=3, T=197, D=64), edgeq ``q @ k^T`` and log2 ``p @ v`` (plain log2
-codes, and the log-sqrt(2) codes of a deit_tiny W8A8 model) against numpy/torch float32. Each round times
+and, for attention at deit_tiny size (H=3, T=197, D=64), edgeq ``q @ k^T`` and log2 ``p @ v`` (4-bit log2 codes
+as shifts and as the int16 GEMM the x86 kernels run them as, and the 8-bit log-sqrt(2) codes of a deit_tiny
+W8A8 model) against numpy/torch float32. Each round times
 every contender back to back (``--repeat`` calls each), the table shows the median and the minimum over
 rounds and the ratio to edgeq's median. Numbers on a shared or loaded machine are noisy: compare ratios
 from one run, not numbers across runs.
@@ -118,8 +119,10 @@ def main(argv=None) -> int:
         att: dict[str, object] = {}
         for label, kern, inputs, expect in (
             ("edgeq q@k^T int8->int32", qk_kernel(h, t, t, d, target), [q, kk], ref.qmatmul_qk(q, kk)),
-            ("edgeq log2 p@v (shifts)", log2_av_kernel(h, t, t, d, target, zero_code=15), [codes, kk],
-             ref.log2_av(codes, kk, 0, 15, 15)),
+            ("edgeq log2 p@v 4-bit codes (shifts)", log2_av_kernel(h, t, t, d, target, zero_code=15, multiply=False),
+             [codes, kk], ref.log2_av(codes, kk, 0, 15, 15)),
+            ("edgeq log2 p@v 4-bit codes (int16 GEMM)", log2_av_kernel(h, t, t, d, target, zero_code=15),
+             [codes, kk], ref.log2_av(codes, kk, 0, 15, 15)),
             ("edgeq log-sqrt2 p@v (deit W8A8)", log2_av_kernel(h, t, t, d, target, **sqrt2_av), [sqrt2_codes, v_u8],
              ref.log2_av(sqrt2_codes, v_u8, sqrt2_av["v_zp"], sqrt2_av["base_shift"], sqrt2_av["zero_code"],
                          sqrt2_av["odd_multiplier"], sqrt2_av["frac_bits"])),

@@ -16,6 +16,11 @@ half of them and measure on the other half) and scored on ``--limit`` class-bala
 0..N-1. Prints markdown; ``--out PATH`` writes PATH.json, PATH.md and PATH.png (top-1 against
 weight bytes, one panel per model and activation width).
 
+With ``--reconstruct gptq|adaround`` every measured plan, the uniform rows too, is block-reconstructed
+after calibration, on ``--recon-calib`` (e.g. calibration/cifar10-256.yaml; default the planning recipe),
+while the planners keep scoring layers on calibration alone: a cheap proxy whose plans are then judged
+reconstructed against reconstructed uniform bits.
+
     python bench/plans.py --models edgeq/vit-cifar10 --limit 1000 --out results/plans
     python bench/plans.py --limit 200 --avg-bits 4 --random-seeds 1          # a smoke run
 """
@@ -52,6 +57,7 @@ from edgeq.plan import (  # noqa: E402
     random_plan,
 )
 from edgeq.quant import METHODS, quantize  # noqa: E402
+from edgeq.quant.reconstruct import RECONSTRUCTION_METHODS, ReconstructionConfig  # noqa: E402
 
 PLANNERS = ("lrp", "sensitivity", "nuclear", "mix")
 
@@ -65,6 +71,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--planners", nargs="+", default=list(PLANNERS), choices=list(PLANNERS))
     parser.add_argument("--random-seeds", type=int, default=3, help="random-control plans per budget (seeds 0..N-1)")
     parser.add_argument("--quant-method", default="lrp-qvit", choices=list(METHODS))
+    parser.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTION_METHODS),
+                        help="block reconstruction of every measured plan, uniform rows included (the planners still "
+                             "score layers on calibration alone)")
+    parser.add_argument("--recon-iters", type=int, default=ReconstructionConfig.iters)
+    parser.add_argument("--recon-calib", default=None,
+                        help="calibration recipe of the measured (reconstructed) plans; default: --calib")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png")
@@ -81,8 +93,12 @@ def run_model(name: str, args: argparse.Namespace, save: Callable[[dict], None])
     config = data_config(model)
     val = load_calibration(CalibrationRecipe(data=args.val, count=args.limit or sys.maxsize, seed=0), config)
     calib = load_calibration(resolve_recipe(args.calib), config).images
+    final_calib = calib if args.recon_calib is None else load_calibration(resolve_recipe(args.recon_calib), config).images
+    reconstruction = None if args.reconstruct == "none" else \
+        ReconstructionConfig(method=args.reconstruct, iters=args.recon_iters)
     costs = layer_costs(model)
     result = {"model": name, "model_sha256": model_digest(model), "val_images": len(val.images), "calib_images": len(calib),
+              "reconstruct": args.reconstruct, "final_calib_images": len(final_calib),
               "fp32": top1(model, val.images, val.labels, args.batch_size), "seconds": {}, "tables": {}}
     log(f"{name}: float top-1 {result['fp32']:.2f} % on {len(val.images)} images")
 
@@ -94,7 +110,7 @@ def run_model(name: str, args: argparse.Namespace, save: Callable[[dict], None])
         log(f"  {planner} scores: {result['seconds'][planner]} s")
 
     def measure(plan: BitPlan) -> dict:
-        qmodel = quantize(model, calib, plan, method=args.quant_method)
+        qmodel = quantize(model, final_calib, plan, method=args.quant_method, reconstruction=reconstruction)
         metrics = plan_metrics(plan, costs)
         return {"top1": top1(qmodel, val.images, val.labels, args.batch_size),
                 "weight_bytes": metrics["weight-bytes"], "avg_bits": metrics["avg-bits"],
@@ -126,7 +142,10 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     columns = ["uniform", *args.planners] + (["random"] if args.random_seeds else [])
     lines = ["# Bit plans on CIFAR-10 val", "",
              f"Top-1 %. Each row: one average weight width (same weight bytes in every column); quantized with "
-             f"`{args.quant_method}` on `{Path(args.calib).name}`; random: mean ± std over {args.random_seeds} "
+             f"`{args.quant_method}` on `{Path(args.calib).name}`"
+             + (f", every plan then reconstructed ({args.reconstruct}) on `{Path(args.recon_calib or args.calib).name}`"
+                if args.reconstruct != "none" else "")
+             + f"; random: mean ± std over {args.random_seeds} "
              f"seed(s). Best plan per row in bold.", ""]
     for res in results:
         for key, table in res["tables"].items():

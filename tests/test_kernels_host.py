@@ -220,6 +220,44 @@ def test_log2_av_chunk_tails_and_extremes(family):
                                  kw.get("frac_bits", 0))
             np.testing.assert_array_equal(out, expect)
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in ("x86_avx2", "x86_avx512bw")])
+def test_log2_av_narrow_codes_take_the_multiply_form(family):
+    """4-bit codes at the lowering's shifts: every term is an exact product, so p @ v runs as an int16 GEMM
+    (``_mul``), bit for bit the shift reference, at the boundary amount == base_shift, for log-sqrt(2) codes,
+    and where the result wraps int32 (every code 0 over 301 keys, |v - v_zp| = 255) as the reference does."""
+    rng = np.random.default_rng(10)
+    cases = [((3, 197, 197, 64), dict(v_dtype="uint8", v_zp=123, base_shift=17), rng.integers(0, 16, (3, 197, 197))),
+             ((2, 7, 9, 13), dict(v_dtype="int8", v_zp=-3, base_shift=14), rng.integers(0, 16, (2, 7, 9))),
+             ((3, 197, 197, 64), dict(v_dtype="uint8", v_zp=0, base_shift=17, odd_multiplier=53, frac_bits=7),
+              rng.integers(0, 16, (3, 197, 197))),
+             ((1, 5, 301, 70), dict(v_dtype="uint8", v_zp=255, base_shift=21), np.zeros((1, 5, 301))),
+             ((1, 5, 301, 70), dict(v_dtype="int8", v_zp=127, base_shift=21, odd_multiplier=53, frac_bits=7),
+              np.full((1, 5, 301), 13))]
+    for (h, t, s, d), kw, codes in cases:
+        kern = log2_av_kernel(h, t, s, d, family_target(family), zero_code=15, family=family, **kw)
+        assert kern.name.endswith("_mul"), kern.name
+        p = codes.astype(np.uint8)
+        v = rand(rng, kw["v_dtype"], (h, s, d)) if s < 300 else np.full((h, s, d), 0 if kw["v_zp"] > 0 else -128,
+                                                                         kw["v_dtype"])
+        out = HostKernel(kern.func, kern.name, family_target(family))(p, v, out_shape=(h, t, d), out_dtype="int32")
+        expect = ref.log2_av(p, v, kw["v_zp"], kw["base_shift"], 15, kw.get("odd_multiplier"), kw.get("frac_bits", 0))
+        np.testing.assert_array_equal(out, expect)
+
+
+def test_multiply_form_needs_exact_terms_int16_weights_and_an_int32_sum():
+    from edgeq.lower.kernels.attention import multiply_form
+
+    assert multiply_form(15, 14, None, 197).shift == 0           # amount 14 == base shift: exact, weight 2**14
+    assert multiply_form(15, 13, None, 197) is None              # code 14 would drop a bit
+    assert multiply_form(16, 20, None, 197) is None              # code 0's weight 2**15 does not fit int16
+    assert multiply_form(255, 21, None, 197) is None             # 8-bit codes: floored terms
+    assert multiply_form(15, 17, None, 10**6) is None            # too many keys for an int32 sum
+    weights = multiply_form(15, 17, (53, 7), 197)
+    assert weights is not None and weights.sqrt2 and weights.shift == 3
+    assert multiply_form(15, 9, (53, 7), 197) is None             # odd code 13: amount 7 > 9 - 7
+    assert multiply_form(0, 17, None, 197) is None                 # no live code
+
+
 # family -> (instruction its GEMM inner loop must use, minimum count at 197x192x768, register width)
 FAMILY_INSTRUCTIONS = {
     "x86_avx2": ("vpmaddwd", 12, "ymm"),

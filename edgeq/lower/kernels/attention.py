@@ -78,7 +78,14 @@ def qk_kernel(h: int, t: int, s: int, d: int, target, *, q_dtype: str = "int8", 
     return AttentionKernel(func, name, ((h, t, d), (h, s, d)), (q_dtype, k_dtype), (h, t, s), "int32", micro)
 
 
-def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.PrimFunc:
+def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz, *, q_elem=None, k_elem=None,
+             k_shape=None, out_shift: int = 0) -> tirx.PrimFunc:
+    """``O[h, t, s] = sum_d q'[h, t, d] * k'[h, s, d]`` (``<< out_shift``), ``q' = q - qz``, ``k' = k - kz``.
+
+    ``q_elem(Q, h, t, d)`` / ``k_elem(K, h, s, d)`` replace the zero-point-centred reads (int32 values the
+    int16 lanes hold exactly; only with the folded int16-lane families) and ``k_shape`` the ``K`` buffer's
+    shape: :func:`log2_av_kernel`'s multiply form reads codes as int16 weights and ``v`` transposed.
+    """
     kg, nb, vl, mr = micro.kg, micro.nb, micro.vl, micro.mr
     Tp = ceil_div(TQ, mr) * mr
     KG = ceil_div(D, kg)
@@ -90,6 +97,8 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
     # int16 lanes (x86_avx2) hold q - q_zp and k - k_zp exactly (|v| <= 255; vpmaddwd pair sums stay far
     # below 2**31): the zero points go into the packed values, no row/column-sum corrections needed
     fold = lane_dtype == "int16" and micro.lane_bits == 16
+    if (q_elem or k_elem) and not fold:
+        raise ValueError(f"element readers need a family with int16 lanes, not {micro.family}")
     q_sub, k_sub = (qz, kz) if fold else (0, 0)
     # uint8 x int8 micro-kernels (VNNI) take q as q' + 128: the same sum with qz' + 128 as q's zero point
     q_offset = 128 if micro.act_unsigned else 0
@@ -114,16 +123,22 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
     p_dtype = "int32" if pairs else lane_dtype
     PV = vl if pairs else LV  # panel elements read by one step
 
-    def group_value(X, rows, dtype, sub, vh, vm, vg):
+    def centred(dtype, sub):
+        return lambda X, vh, vr, vk: signed_value(X[vh, vr, vk], dtype) - sub
+
+    q_read = q_elem or centred(q_dtype, q_sub)
+    k_read = k_elem or centred(k_dtype, k_sub)
+
+    def group_value(X, rows, read, vh, vm, vg):
         vals = []
         for tt in range(kg):
             kk = vg * kg + tt
-            load = X[vh, tirx.min(vm, rows - 1), tirx.min(kk, D - 1)]
-            vals.append(tirx.if_then_else(tirx.all(vm < rows, kk < D), signed_value(load, dtype) - sub, 0))
+            value = read(X, vh, tirx.min(vm, rows - 1), tirx.min(kk, D - 1))
+            vals.append(tirx.if_then_else(tirx.all(vm < rows, kk < D), value, 0))
         return pack_group(vals, micro)
 
     def a_value(Q, vh, vm, vg):
-        return group_value(Q, TQ, q_dtype, q_sub, vh, vm, vg)
+        return group_value(Q, TQ, q_read, vh, vm, vg)
 
     def pair_panel_value(KP, vh, vb, vg, vn):
         row = col0(vb) + vn
@@ -159,8 +174,10 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
         return tirx.if_then_else(vr < rows, value + offset if offset else value, 0)
 
     @T.prim_func(s_tir=True)
-    def func(Q: T.Buffer((H, TQ, D), q_dtype), K: T.Buffer((H, S, D), k_dtype), O: T.Buffer((H, TQ, S), "int32")):
+    def func(Q: T.Buffer((H, TQ, D), q_dtype), K: T.Buffer(k_shape or (H, S, D), k_dtype),
+             O: T.Buffer((H, TQ, S), "int32")):
         T.func_attr({"tirx.noalias": True})
+        k_rows, k_cols = (k_shape or (H, S, D))[1:]
         A = T.sblock_alloc_buffer((H, Tp, KG), a_dtype)
         P = T.sblock_alloc_buffer(p_shape, p_dtype)
         KP = T.sblock_alloc_buffer((H, S, KG) if pairs else (1, 1, 1), "int32")
@@ -194,9 +211,9 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
             for hh, r, g in T.grid(H, S, KG):
                 with T.sblock("KP"):
                     vh, vr, vg = T.axis.remap("SSS", [hh, r, g])
-                    T.reads(K[vh, vr, 0:D])
+                    T.reads(K[vh, 0:k_rows, 0:k_cols])
                     T.writes(KP[vh, vr, vg])
-                    KP[vh, vr, vg] = group_value(K, S, k_dtype, k_sub, vh, vr, vg)
+                    KP[vh, vr, vg] = group_value(K, S, k_read, vh, vr, vg)
             for hh, b, g, n in T.grid(H, NBLK, KG, nb):
                 with T.sblock("P"):
                     vh, vb, vg, vn = T.axis.remap("SSSS", [hh, b, g, n])
@@ -224,10 +241,10 @@ def _qk_func(H, TQ, S, D, micro: Microkernel, q_dtype, k_dtype, qz, kz) -> tirx.
             with T.sblock("O"):
                 vh, vi, vb, vc = T.axis.remap("SSSS", [hh, i, b, c])
                 if overlap:
-                    O[vh, vi, col0(vb) + vc] = C[vh, vi, vb, vc]
+                    O[vh, vi, col0(vb) + vc] = tirx.shift_left(C[vh, vi, vb, vc], out_shift)
                 else:
                     if vb * nb + vc < S:
-                        O[vh, vi, vb * nb + vc] = C[vh, vi, vb, vc]
+                        O[vh, vi, vb * nb + vc] = tirx.shift_left(C[vh, vi, vb, vc], out_shift)
 
     return func
 
@@ -298,8 +315,11 @@ def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "in
                    base_shift: int = 15, zero_code: int = 255, family: str | None = None,
                    name: str | None = None, rows: int | None = None, d_vectors: int | None = None,
                    odd_multiplier: int | None = None, frac_bits: int = 0,
-                   s_chunk: int | None = None) -> AttentionKernel:
+                   s_chunk: int | None = None, multiply: bool = True) -> AttentionKernel:
     """Scheduled PrimFunc for ``p_code[H,T,S] uint8, v[H,S,D] -> int32 [H,T,D]`` (shifts, no multiplies).
+
+    With ``multiply`` (default), codes whose every term is an exact product (:func:`multiply_form`: 4-bit codes)
+    run as an int16 GEMM on the x86 int16-lane families instead (name suffix ``_mul``), the same bits.
 
     CPU schedule: tasks of ``rows`` output rows (default 16); ``d_vectors`` int32 vectors of accumulators
     (default: all of ``D`` in equal chunks of at most 8 AVX2 / 16 NEON registers) stay in registers while
@@ -324,7 +344,13 @@ def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "in
         sqrt2 = (int(odd_multiplier), int(frac_bits))
     tgt = as_target(target)
     micro = select_attention_microkernel(tgt, family)
-    if micro.family == "cuda":
+    weights = multiply_form(zero_code, base_shift, sqrt2, s) if multiply and micro.family in _MULTIPLY_FAMILIES \
+        else None
+    if weights is not None:  # narrow codes: every term is an exact product, p @ v is an int16 GEMM
+        func = _log2_av_multiply_func(h, t, s, d, micro, v_dtype, int(v_zp), weights)
+        cores = int(tgt.attrs.get("num-cores", 0) or 0)
+        func = _schedule_qk_cpu(func, micro, max(8, 4 * cores))
+    elif micro.family == "cuda":
         func = _schedule_av_gpu(_log2_av_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, sqrt2))
     else:
         vl = {"x86_avx512bw": 16, "x86_avx2": 8, "arm_neon": 4, "arm_dotprod": 4}.get(micro.family, 8)
@@ -338,11 +364,81 @@ def log2_av_kernel(h: int, t: int, s: int, d: int, target, *, v_dtype: str = "in
         func = _log2_av_vector_func(h, t, s, d, v_dtype, int(v_zp), base_shift, zero_code, vl, sqrt2,
                                     d_vectors, s_chunk, neon=micro.family in ("arm_neon", "arm_dotprod"))
         func = _schedule_av_vector(func, rows, d_vectors, s_chunk)
-    mode = "" if sqrt2 is None else f"_M{sqrt2[0]}F{sqrt2[1]}"
+    mode = ("" if sqrt2 is None else f"_M{sqrt2[0]}F{sqrt2[1]}") + ("_mul" if weights is not None else "")
     name = name or (f"edgeq_log2av_{micro.family}_h{h}t{t}s{s}d{d}_{v_dtype}z{v_zp}_S{base_shift}_zc{zero_code}{mode}"
                     .replace("-", "m"))
     func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
     return AttentionKernel(func, name, ((h, t, s), (h, s, d)), ("uint8", v_dtype), (h, t, d), "int32", micro)
+
+
+#: attention families whose int16 lanes take the multiply form (vpmaddwd on code weights and v - v_zp)
+_MULTIPLY_FAMILIES = ("x86_avx2", "x86_avx512bw")
+
+
+@dataclass(frozen=True)
+class CodeWeights:
+    """Every live term of :func:`reference.log2_av` as an exact product: ``(v - v_zp) * weight(c) << shift``.
+
+    ``weight(c)`` is ``2**(top - c)`` for log2 codes; for log-sqrt(2) codes ``2**(top - c/2)`` (even ``c``) or
+    ``mantissa * 2**(odd_top - (c+1)/2)`` (odd), all below ``2**15`` (int16 lanes); ``shift`` is what was
+    factored out of every weight.
+    """
+
+    zero_code: int
+    top: int
+    shift: int
+    mantissa: int = 0
+    odd_top: int = 0
+    sqrt2: bool = False
+
+    def weight(self, code):
+        """The int32 weight of a code (TIR expression); 0 for zero codes."""
+        if not self.sqrt2:
+            live = tirx.shift_left(tirx.const(1, "int32"), self.top - code)
+        else:
+            odd = tirx.shift_left(tirx.const(self.mantissa, "int32"), self.odd_top - tirx.shift_right(code + 1, 1))
+            even = tirx.shift_left(tirx.const(1, "int32"), self.top - tirx.shift_right(code, 1))
+            live = tirx.if_then_else(tirx.bitwise_and(code, 1) == 1, odd, even)
+        return tirx.if_then_else(code < self.zero_code, live, 0)
+
+
+def multiply_form(zero_code: int, base_shift: int, sqrt2, keys: int) -> CodeWeights | None:
+    """The :class:`CodeWeights` of codes below ``zero_code`` when every such term is exact (its shift does not
+    drop bits: amount <= ``base_shift``, or <= ``base_shift - F`` for the odd log-sqrt(2) form), each weight fits
+    int16 and ``keys`` products of ``|v - v_zp| <= 255`` cannot overflow int32; else None. That holds for 4-bit
+    log2 codes (``zero_code`` 15) at the shifts the lowering picks, not for 8-bit ones, whose small probabilities
+    are floored shifts."""
+    live = range(min(zero_code, 256))
+    if not live:
+        return None
+    if sqrt2 is None:
+        exponents = {c: (base_shift - c, 1) for c in live}
+    else:
+        mult, frac = sqrt2
+        exponents = {c: ((base_shift - c // 2, 1) if c % 2 == 0 else (base_shift - frac - (c + 1) // 2, 2**frac + mult))
+                     for c in live}
+    if min(e for e, _ in exponents.values()) < 0:
+        return None  # a floored term
+    shift = min(e for e, _ in exponents.values())
+    largest = max(m << (e - shift) for e, m in exponents.values())
+    if largest >= 2**15 or keys * largest * 255 >= 2**31:
+        return None
+    if sqrt2 is None:
+        return CodeWeights(zero_code, base_shift - shift, shift)
+    return CodeWeights(zero_code, base_shift - shift, shift, 2**sqrt2[1] + sqrt2[0], base_shift - sqrt2[1] - shift, True)
+
+
+def _log2_av_multiply_func(H, TQ, S, D, micro: Microkernel, v_dtype, v_zp, weights: CodeWeights) -> tirx.PrimFunc:
+    """``p @ v`` as the q @ k^T GEMM: rows of code weights times ``v - v_zp`` read transposed, ``<< shift``."""
+
+    def code_weight(Pc, vh, vt, vs):
+        return weights.weight(tirx.Cast("int32", Pc[vh, vt, vs]))
+
+    def centred_v(V, vh, vd, vs):
+        return tirx.Cast("int32", V[vh, vs, vd]) - v_zp
+
+    return _qk_func(H, TQ, D, S, micro, "uint8", v_dtype, 0, 0, q_elem=code_weight, k_elem=centred_v,
+                    k_shape=(H, S, D), out_shift=weights.shift)
 
 
 def _default_s_chunk(s: int) -> int:
