@@ -19,7 +19,9 @@ For each model (batch 1; timm models with random weights, edgeq reference models
                    when the integer lowering is not importable;
 * ``edgeq w8a8-unfused`` (with ``--unfused``): the same W8A8 file with ``lower_integer(fuse_epilogues=False)``:
                    the float ops after fc1 (dequantize, GELU, quantize) as separate glue instead of in the GEMM's
-                   epilogue, to show what the fusion buys in the same run.
+                   epilogue, to show what the fusion buys in the same run;
+* ``edgeq w8a8+pv4`` (with ``--narrow-av``): W8A8 with every ``matmul_av`` at 4 bits (its softmax codes and
+                   ``v``), whose p @ v x86 runs as an int16 GEMM.
 
 Each edgeq build runs in a child process, which reports its compile time (import + lowering + TVM build +
 link) and its peak resident memory (``ru_maxrss``, Python and the libraries included). Timing interleaves the
@@ -148,6 +150,14 @@ def _mixed_plan(model):
     return BitPlan(LayerBits(8, 8), layers, {"method": "bench", "note": "MLP weights 4-bit"})
 
 
+def _narrow_av_plan(model):
+    from edgeq.bitplan import BitPlan, LayerBits
+    from edgeq.quant.convert import quantizable_layers
+
+    layers = {name: LayerBits(4, 4) for name in quantizable_layers(model) if name.endswith(".matmul_av")}
+    return BitPlan(LayerBits(8, 8), layers, {"method": "bench", "note": "4-bit softmax codes and v in every p@v"})
+
+
 def _edgeq_runner(library: Path, example):
     import numpy as np
     import tvm
@@ -201,7 +211,10 @@ def prepare_model(name: str, args, work: Path, log) -> tuple[list[tuple[str, obj
     from edgeq.quant import quantize
 
     images = torch.from_numpy(calib)
-    for label, plan in (("edgeq w8a8", "w8a8"), ("edgeq w4/8", _mixed_plan(model))):
+    plans = [("edgeq w8a8", "w8a8"), ("edgeq w4/8", _mixed_plan(model))]
+    if args.narrow_av:
+        plans.append(("edgeq w8a8+pv4", _narrow_av_plan(model)))
+    for label, plan in plans:
         log(f"{name}: {label} quantization and QDQ export")
         try:
             qmodel = quantize(model, images, plan, method=args.method)
@@ -296,6 +309,7 @@ def main(argv=None) -> int:
                     help="edgeq's quantization method (minmax: uniform post-Softmax codes instead of log2)")
     ap.add_argument("--build-timeout", type=float, default=1800.0)
     ap.add_argument("--unfused", action="store_true", help="also time W8A8 without epilogue fusion")
+    ap.add_argument("--narrow-av", action="store_true", help="also time W8A8 with 4-bit p@v (softmax codes and v)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--build-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
