@@ -46,11 +46,12 @@ def _run(mod, images):
     return np.concatenate([vm["main"](tvm.runtime.tensor(images[i:i + 2])).numpy() for i in range(0, len(images), 2)])
 
 
-@pytest.mark.parametrize("name,spec,arch", [
-    ("edgeq/vit-cifar10", "w4a4", dict(depth=2)),
-    ("edgeq/swin-cifar10", "w8a8", dict(image_size=16, img_size=16, embed_dim=16, depths=(2, 1), num_heads=(2, 2))),
+@pytest.mark.parametrize("name,spec,arch,expect_residual", [
+    ("edgeq/vit-cifar10", "w4a4", dict(depth=2), ("attn.proj", "mlp.fc2")),
+    ("edgeq/swin-cifar10", "w8a8", dict(image_size=16, img_size=16, embed_dim=16, depths=(2, 1), num_heads=(2, 2)),
+     ("mlp.fc2",)),
 ], ids=["vit-w4a4", "swin-w8a8"])
-def test_fused_build_equals_unfused_bit_for_bit(build, tmp_path, name, spec, arch):
+def test_fused_build_equals_unfused_bit_for_bit(build, tmp_path, name, spec, arch, expect_residual):
     image_size = arch.pop("image_size", 32)
     mod = _imported(build, tmp_path, name, spec, image_size, **arch)
     fused, plain = lower_integer(mod, "host"), lower_integer(mod, "host", fuse_epilogues=False)
@@ -58,10 +59,13 @@ def test_fused_build_equals_unfused_bit_for_bit(build, tmp_path, name, spec, arc
     fused_calls = {layer: callee for layer, callee, _ in integer_kernel_calls(fused)}
     plain_calls = {layer: callee for layer, callee, _ in integer_kernel_calls(plain)}
     assert sorted(fused_calls) == sorted(plain_calls)  # every layer still one kernel, under its name
-    with_epilogue = sorted(layer for layer, callee in fused_calls.items() if "_f2x" in callee)
-    # exactly the fc1 layers: the others go on to a residual add, a split into q/k/v, or the logits
-    assert with_epilogue == sorted(layer for layer in plain_calls if layer.endswith("mlp.fc1"))
-    assert with_epilogue and all(plain_calls[layer].endswith("_int32") for layer in with_epilogue)
+    quantizing = sorted(layer for layer, callee in fused_calls.items() if "_f2x" in callee and "_float32_" not in callee)
+    residual = sorted(layer for layer, callee in fused_calls.items() if "_float32_f2x" in callee)
+    # fc1's GELU tail ends in a quantize; fc2 (and ViT's attention proj) go straight into the residual add; qkv
+    # goes on to a split, Swin's proj to the window reverse, the head to the logits: those keep their glue
+    assert quantizing == sorted(layer for layer in plain_calls if layer.endswith("mlp.fc1"))
+    assert residual == sorted(layer for layer in plain_calls if layer.endswith(expect_residual))
+    assert all(plain_calls[layer].endswith("_int32") for layer in quantizing + residual)
     assert "R.erf" not in fused["main"].script(show_meta=False)
     assert "R.erf" in plain["main"].script(show_meta=False)
 
@@ -83,20 +87,28 @@ def test_float_tail_checks_its_ops():
         FloatTail((("erf", ("value", 0), ("value", 0)),), 1.0, 0, "uint8")
     with pytest.raises(ValueError, match="zero point"):
         FloatTail((), 1.0, 300, "uint8")
+    with pytest.raises(ValueError, match="reads input 0 of 0"):
+        FloatTail((("add", ("value", 0), ("input", 0)),), 1.0, 0, "float32")
+    with pytest.raises(ValueError, match="int8, uint8 or float32"):
+        FloatTail((), 1.0, 0, "int32")
     tail = FloatTail(GELU_TAIL, 1.0, 3, "uint8")
     assert tail.key != FloatTail(GELU_TAIL, 1.0, 4, "uint8").key
     with pytest.raises(ValueError, match="int32 accumulator"):
         qlinear_kernel(4, 8, 16, host_target(), out_dtype="int8", epilogue=tail)
 
 
-def _fused_kernel_inputs(target, rng, m=13, k=40, n=24):
-    tail = FloatTail(GELU_TAIL, 1.0, 7, "uint8")
+def _fused_kernel_inputs(target, rng, m=13, k=40, n=24, residual=False):
+    if residual:
+        tail = FloatTail((("add", ("input", 0), ("value", 0)),), 1.0, 0, "float32", inputs=1)
+    else:
+        tail = FloatTail(GELU_TAIL, 1.0, 7, "uint8")
     kern = qlinear_kernel(m, k, n, target, x_dtype="uint8", out_dtype="int32", epilogue=tail, dequant_rows=2)
     x = rng.integers(0, 256, (m, k)).astype(np.uint8)
     w = rng.integers(-128, 128, (n, k)).astype(np.int8)
     packed = kern.pack(w, rng.integers(-3000, 3000, n).astype(np.int32), 9)
     dequant = np.stack([rng.uniform(1e-4, 4e-4, n), rng.uniform(-0.02, 0.02, n)]).astype(np.float32)
-    return kern, [x, packed["w"], packed["bias"], dequant]
+    stream = [rng.standard_normal((m, n)).astype(np.float32)] if residual else []
+    return kern, [x, packed["w"], packed["bias"], dequant, *stream]
 
 
 def test_fused_kernel_codes_follow_the_float_tail():
@@ -118,16 +130,28 @@ def test_fused_kernel_codes_follow_the_float_tail():
 
 
 @pytest.mark.skipif(not aarch64_available(), reason=f"aarch64 toolchain/qemu missing: {aarch64_tools()}")
-def test_fused_kernel_is_bit_exact_on_aarch64_under_qemu():
-    rng = np.random.default_rng(6)
-    kern_a72, inputs = _fused_kernel_inputs(A72, rng)
-    got = run_aarch64(kern_a72.func, kern_a72.name, A72, inputs, kern_a72.out_shape, "uint8",
-                      tir_pipeline=EXACT_FP_TIR_PIPELINE)
+@pytest.mark.parametrize("residual", [False, True], ids=["gelu-quantize", "residual-add"])
+def test_fused_kernel_is_bit_exact_on_aarch64_under_qemu(residual):
     host = host_target()
-    kern_host, host_inputs = _fused_kernel_inputs(host, np.random.default_rng(6))  # the same values, host panels
-    expect = HostKernel(kern_host.func, kern_host.name, host, tir_pipeline=EXACT_FP_TIR_PIPELINE)(
-        *host_inputs, out_shape=kern_host.out_shape, out_dtype="uint8")
-    np.testing.assert_array_equal(got, expect)
+    outputs = []
+    for target in (A72, host):
+        kern, inputs = _fused_kernel_inputs(target, np.random.default_rng(6), residual=residual)  # same values
+        if target is A72:
+            outputs.append(run_aarch64(kern.func, kern.name, A72, inputs, kern.out_shape, kern.out_dtype,
+                                       tir_pipeline=EXACT_FP_TIR_PIPELINE))
+        else:
+            outputs.append(HostKernel(kern.func, kern.name, host, tir_pipeline=EXACT_FP_TIR_PIPELINE)(
+                *inputs, out_shape=kern.out_shape, out_dtype=kern.out_dtype))
+    np.testing.assert_array_equal(outputs[0].view(np.uint8), outputs[1].view(np.uint8))
+    if residual:  # the float output: the stream + fma(acc, scale, bias residual) (the pipeline fuses a * b + c
+        # into one rounding, in the unfused glue as here); |acc| < 2**21, so float64 holds the product exactly
+        kern, inputs = _fused_kernel_inputs(host, np.random.default_rng(6), residual=True)
+        plain = qlinear_kernel(kern.m, kern.k, kern.n, host, x_dtype="uint8", out_dtype="int32")
+        acc = HostKernel(plain.func, plain.name, host)(*inputs[:3], out_shape=plain.out_shape, out_dtype="int32")
+        assert np.abs(acc).max() < 2**21
+        fused = (acc.astype(np.float64) * inputs[3][0].astype(np.float64) + inputs[3][1].astype(np.float64))
+        expect = inputs[4] + fused.astype(np.float32)
+        np.testing.assert_array_equal(outputs[1], expect)
 
 
 def test_tail_float_values_equal_the_legalized_relax_ops():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 import tvm
@@ -27,26 +27,32 @@ __all__ = ["FloatTail", "TAIL_OPS", "Operand"]
 #: the elementwise ops a tail may hold
 TAIL_OPS = ("multiply", "add", "subtract", "divide", "maximum", "minimum", "erf")
 
-#: an operand: ``("value", i)`` (0: the dequantized input, i > 0: the result of op i - 1) or ``("const", c)``
+#: an operand: ``("value", i)`` (0: the dequantized input, i > 0: the result of op i - 1), ``("const", c)``, or
+#: ``("input", j)``: the same element of the kernel's extra float32 input ``j`` (a residual stream)
 Operand = tuple[str, Union[int, float]]
 
 
 @dataclass(frozen=True)
 class FloatTail:
     """``quantize(ops(x))``: ``ops`` in SSA order, each ``(op, operand, ...)``; the last result is quantized to
-    ``out_dtype`` with ``scale`` and ``zero_point`` (Relax ``quantize``: ``clip(round(v / scale) + zp)``)."""
+    ``out_dtype`` with ``scale`` and ``zero_point`` (Relax ``quantize``: ``clip(round(v / scale) + zp)``), or with
+    ``out_dtype`` float32 written as it is. ``inputs``: how many extra float32 tensors the ops read."""
 
     ops: tuple[tuple, ...]
     scale: float
     zero_point: int
     out_dtype: str
+    inputs: int = 0
 
     def __post_init__(self):
-        if self.out_dtype not in ("int8", "uint8"):
-            raise ValueError(f"a float tail quantizes to int8 or uint8, not {self.out_dtype!r}")
-        info = np.iinfo(self.out_dtype)
-        if not info.min <= self.zero_point <= info.max:
-            raise ValueError(f"zero point {self.zero_point} outside {self.out_dtype}")
+        if self.out_dtype not in ("int8", "uint8", "float32"):
+            raise ValueError(f"a float tail writes int8, uint8 or float32, not {self.out_dtype!r}")
+        if self.out_dtype != "float32":
+            info = np.iinfo(self.out_dtype)
+            if not info.min <= self.zero_point <= info.max:
+                raise ValueError(f"zero point {self.zero_point} outside {self.out_dtype}")
+        if self.inputs not in (0, 1):
+            raise ValueError(f"a float tail reads at most one extra input, not {self.inputs}")
         for i, (op, *args) in enumerate(self.ops):
             if op not in TAIL_OPS:
                 raise ValueError(f"op {op!r} is not one of {TAIL_OPS}")
@@ -55,31 +61,39 @@ class FloatTail:
             for kind, ref in args:
                 if kind == "value" and not 0 <= int(ref) <= i:
                     raise ValueError(f"op {i} reads value {ref}, which is not computed before it")
-                if kind not in ("value", "const"):
+                if kind == "input" and not 0 <= int(ref) < self.inputs:
+                    raise ValueError(f"op {i} reads input {ref} of {self.inputs}")
+                if kind not in ("value", "const", "input"):
                     raise ValueError(f"operand kind {kind!r}")
 
     @property
     def key(self) -> str:
         """A short digest of the tail, for kernel names (one PrimFunc per distinct tail)."""
-        text = repr((self.ops, np.float32(self.scale).tobytes(), self.zero_point, self.out_dtype))
+        text = repr((self.ops, np.float32(self.scale).tobytes(), self.zero_point, self.out_dtype, self.inputs))
         return hashlib.sha1(text.encode()).hexdigest()[:8]
 
-    def expr(self, x: tirx.PrimExpr) -> tirx.PrimExpr:
-        """The output code for the float32 value ``x`` (a TIR expression)."""
+    def expr(self, x: tirx.PrimExpr, inputs: Sequence[tirx.PrimExpr] = ()) -> tirx.PrimExpr:
+        """The output (code, or float32 value) for the float32 value ``x`` and the extra inputs' elements
+        ``inputs`` (TIR expressions)."""
         lets: list[tuple[tirx.Var, tirx.PrimExpr]] = []
-        scaled = self._ops_expr(x, lets) / tirx.const(float(np.float32(self.scale)), "float32")
+        value = self._ops_expr(x, lets, inputs)
+        if self.out_dtype == "float32":
+            return _with_lets(value, lets)
+        scaled = value / tirx.const(float(np.float32(self.scale)), "float32")
         info = np.iinfo(self.out_dtype)
         code = tirx.round(scaled) + tirx.const(float(self.zero_point), "float32")
         out = tirx.Cast(self.out_dtype, tirx.max(tirx.min(code, tirx.const(float(info.max), "float32")),
                                                  tirx.const(float(info.min), "float32")))
         return _with_lets(out, lets)
 
-    def float_expr(self, x: tirx.PrimExpr) -> tirx.PrimExpr:
+    def float_expr(self, x: tirx.PrimExpr, inputs: Sequence[tirx.PrimExpr] = ()) -> tirx.PrimExpr:
         """The float32 value the ops give ``x``, before the quantize (what tests compare bit for bit)."""
         lets: list[tuple[tirx.Var, tirx.PrimExpr]] = []
-        return _with_lets(self._ops_expr(x, lets), lets)
+        return _with_lets(self._ops_expr(x, lets, inputs), lets)
 
-    def _ops_expr(self, x: tirx.PrimExpr, lets: list) -> tirx.PrimExpr:
+    def _ops_expr(self, x: tirx.PrimExpr, lets: list, inputs: Sequence[tirx.PrimExpr] = ()) -> tirx.PrimExpr:
+        if len(inputs) != self.inputs:
+            raise ValueError(f"the tail reads {self.inputs} extra inputs, {len(inputs)} given")
         uses = [0] * (len(self.ops) + 1)
         for _, *args in self.ops:
             for kind, ref in args:
@@ -87,8 +101,8 @@ class FloatTail:
                     uses[int(ref)] += 1
         values: list[tirx.PrimExpr] = [self._bound(x, 0, uses, lets)]
         for i, (op, *args) in enumerate(self.ops):
-            operands = [values[int(ref)] if kind == "value" else tirx.const(float(np.float32(ref)), "float32")
-                        for kind, ref in args]
+            operands = [values[int(ref)] if kind == "value" else inputs[int(ref)] if kind == "input"
+                        else tirx.const(float(np.float32(ref)), "float32") for kind, ref in args]
             values.append(self._bound(_apply(op, operands), i + 1, uses, lets))
         return values[-1]
 

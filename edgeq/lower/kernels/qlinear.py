@@ -11,7 +11,7 @@ PrimFunc signature (all row-major, shapes fixed at build time)::
                           out[M,N] out_dtype)
     out="int32":         f(x[M,K] int8|uint8, w[...] packed, bias[N] int32, out[M,N] int32)
     float epilogue:      f(x[M,K] int8|uint8, w[...] packed, bias[N] int32, dequant[R,N] float32,
-                          out[M,N] int8|uint8)
+                          [residual[M,N] float32,] out[M,N] int8|uint8|float32)
 
 ``w`` is the panel layout of :func:`edgeq.lower.kernels.micro.pack_weight_panels` and ``bias`` is the
 *effective* bias ``bias - x_zp' * sum_k w[n, k]`` (``x_zp' = x_zp + micro.act_offset(x_dtype)``): the
@@ -234,7 +234,7 @@ def qlinear_kernel(m: int, k: int, n: int, target, *, x_dtype: str = "int8", w_b
     func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
     func = func.with_attr("edgeq.qlinear", json.dumps(build_args, sort_keys=True))
     if epilogue is not None:
-        params = ("x", "w", "bias", "dequant", "out")
+        params = ("x", "w", "bias", "dequant") + (("residual",) if epilogue.inputs else ()) + ("out",)
     else:
         params = ("x", "w", "bias") + (() if out_dtype == "int32" else ("requant",)) + ("out",)
     return QLinearKernel(func, name, m, k, n, x_dtype, w_bits, out_dtype, out_bits, out_zp, micro, params, a_bits,
@@ -310,11 +310,11 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
         a = [A[vm, vg * ksub + i] for i in range(ksub)] if ksub > 1 else A[vm, vg]
         return step_expr(micro, acc, a, w)
 
-    def epilogue(C, Bias, RQ, vm, vn):
+    def epilogue(C, Bias, RQ, vm, vn, R=None):
         acc = C[vm, tirx.floordiv(vn, nb), tirx.floormod(vn, nb)] + Bias[vn]
         if tail is not None:  # RQ is the dequant buffer: as the unfused astype -> multiply [-> add]
             value = tirx.Cast("float32", acc) * RQ[0, vn]
-            return tail.expr(value + RQ[1, vn] if dequant_rows == 2 else value)
+            return tail.expr(value + RQ[1, vn] if dequant_rows == 2 else value, [R[vm, vn]] if R is not None else [])
         if not requant:
             return acc
         return requant_tir(acc, RQ, vn, out_zp, out_bits, out_dtype)
@@ -377,7 +377,7 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
     c16_shape = (Mp, NBLK, GO, J * LV)
 
     @T.macro
-    def body(X, Wp, Bias, RQ, O):
+    def body(X, Wp, Bias, RQ, O, R):
         C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
         P = T.sblock_alloc_buffer(p_shape, lane_dtype)
         if direct:
@@ -400,26 +400,33 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
         for mm, nn in T.grid(M, N):
             with T.sblock("O"):
                 vm, vn = T.axis.remap("SS", [mm, nn])
-                O[vm, vn] = epilogue(C, Bias, RQ, vm, vn)
+                O[vm, vn] = epilogue(C, Bias, RQ, vm, vn, R)
 
-    if tail is not None:
+    if tail is not None and tail.inputs:
+        @T.prim_func(s_tir=True)
+        def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
+                 DQ: T.Buffer((dequant_rows, N), "float32"), R: T.Buffer((M, N), "float32"),
+                 O: T.Buffer((M, N), tail.out_dtype)):
+            T.func_attr({"tirx.noalias": True})
+            body(X, Wp, Bias, DQ, O, R)
+    elif tail is not None:
         @T.prim_func(s_tir=True)
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
                  DQ: T.Buffer((dequant_rows, N), "float32"), O: T.Buffer((M, N), tail.out_dtype)):
             T.func_attr({"tirx.noalias": True})
-            body(X, Wp, Bias, DQ, O)
+            body(X, Wp, Bias, DQ, O, None)
     elif requant:
         @T.prim_func(s_tir=True)
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
                  RQ: T.Buffer((6, N), "int32"), O: T.Buffer((M, N), out_dtype)):
             T.func_attr({"tirx.noalias": True})
-            body(X, Wp, Bias, RQ, O)
+            body(X, Wp, Bias, RQ, O, None)
     else:
         @T.prim_func(s_tir=True)
         def func(X: T.Buffer((M, K), x_dtype), Wp: T.Buffer(w_shape, w_dtype), Bias: T.Buffer((N,), "int32"),
                  O: T.Buffer((M, N), "int32")):
             T.func_attr({"tirx.noalias": True})
-            body(X, Wp, Bias, None, O)
+            body(X, Wp, Bias, None, O, None)
     return func
 
 

@@ -35,7 +35,7 @@ from edgeq.lower.kernels.relax_glue import emit_call
 
 from ._graph import BindingRewriter, Graph, cached_kernel, rewrite_functions, shape_of
 
-__all__ = ["FuseQLinearEpilogue", "TailMatch", "match_tail"]
+__all__ = ["FuseQLinearEpilogue", "TailMatch", "match_tail", "match_residual"]
 
 QLINEAR_ARGS_ATTR = "edgeq.qlinear"
 
@@ -47,6 +47,7 @@ class TailMatch:
     build_args: dict              # its qlinear_kernel arguments
     dequant: np.ndarray           # float32 [1 or 2, N]: scale, bias residual
     tail: FloatTail
+    inputs: tuple = ()            # the Relax tensors the tail's extra inputs read (a residual stream)
 
 
 def _same_layout(shape: tuple[int, ...], m: int, n: int) -> bool:
@@ -108,8 +109,9 @@ def _extremum_op(mod: tvm.IRModule, call: relax.Call) -> Optional[str]:
 class _TailBuilder:
     """Walks back from the quantize's input to the dequantized accumulator, collecting the ops in SSA order."""
 
-    def __init__(self, graph: Graph, mod: tvm.IRModule):
+    def __init__(self, graph: Graph, mod: tvm.IRModule, input_var: Optional[relax.Var] = None):
         self.graph, self.mod = graph, mod
+        self.input_var = input_var  # read as the extra input ("input", 0), not followed
         self.ops: list[tuple] = []
         self.index: dict = {}      # var -> value index
         self.inner: set = set()    # vars whose every use must stay inside the chain
@@ -122,6 +124,8 @@ class _TailBuilder:
             return ("const", const)
         if not isinstance(expr, relax.Var):
             return None
+        if self.input_var is not None and expr.same_as(self.input_var):
+            return ("input", 0)
         return self.value(expr)
 
     def value(self, var: relax.Var):
@@ -196,6 +200,23 @@ class _TailBuilder:
         return True
 
 
+def _matched(graph: Graph, builder: _TailBuilder, terminal: relax.Var, top, make_tail) -> Optional[TailMatch]:
+    """The match once ``builder`` walked from ``terminal``'s operand down to a kernel (``top``: that operand), if
+    every var of the chain has the accumulator's layout and no user outside the chain."""
+    if top is None or builder.found is None:
+        return None
+    acc, kernel, build_args, dequant = builder.found
+    m, n = int(build_args["m"]), int(build_args["n"])
+    chain = builder.inner | {builder.base, terminal}
+    for var in builder.inner | {builder.base}:
+        if not _same_layout(shape_of(var), m, n) or any(user not in chain for user in graph.users.get(var, [])):
+            return None
+    if not _same_layout(shape_of(terminal), m, n):
+        return None
+    inputs = (builder.input_var,) if builder.input_var is not None else ()
+    return TailMatch(acc, kernel, build_args, dequant, make_tail(tuple(builder.ops)), inputs)
+
+
 def match_tail(graph: Graph, mod: tvm.IRModule, qvar: relax.Var, quantize: relax.Call) -> Optional[TailMatch]:
     """The fusable chain ending at ``qvar = quantize(...)`` (module docstring), or None."""
     scale = _scalar(graph, quantize.args[1])
@@ -206,23 +227,33 @@ def match_tail(graph: Graph, mod: tvm.IRModule, qvar: relax.Var, quantize: relax
         return None
     builder = _TailBuilder(graph, mod)
     top = builder.value(quantize.args[0])
-    if top is None or builder.found is None:
+
+    def make_tail(ops):
+        if top[1] != len(ops):  # the quantize reads the last op (or the base itself when there are none)
+            ops = ops + (("multiply", top, ("const", 1.0)),)
+        return FloatTail(ops, scale, int(zp.reshape(())), dtype)
+
+    return _matched(graph, builder, qvar, top, make_tail)
+
+
+def match_residual(graph: Graph, mod: tvm.IRModule, var: relax.Var, add: relax.Call) -> Optional[TailMatch]:
+    """``var = add(stream, y)`` (either order) with ``y`` a fusable chain from a kernel and ``stream`` any float32
+    tensor of the same layout (the residual stream): the kernel then reads ``stream`` and writes ``var``."""
+    a, b = add.args
+    if not (isinstance(a, relax.Var) and isinstance(b, relax.Var)) or str(var.ty.dtype) != "float32" or \
+            shape_of(a) != shape_of(b) or shape_of(a) != shape_of(var):
         return None
-    acc, kernel, build_args, dequant = builder.found
-    m, n = int(build_args["m"]), int(build_args["n"])
-    chain = builder.inner | {builder.base, qvar}
-    for var in builder.inner | {builder.base}:
-        if var is qvar:
+    for stream, chain, first in ((a, b, True), (b, a, False)):
+        builder = _TailBuilder(graph, mod, input_var=stream)
+        top = builder.value(chain)
+        if top is None:
             continue
-        if not _same_layout(shape_of(var), m, n) or any(user not in chain for user in graph.users.get(var, [])):
-            return None
-    if not _same_layout(shape_of(qvar), m, n):
-        return None
-    ops = tuple(builder.ops)
-    if top[1] != len(ops):  # the quantize reads the last op (or the base itself when there are none)
-        ops = ops + (("multiply", top, ("const", 1.0)),)
-    tail = FloatTail(ops, scale, int(zp.reshape(())), dtype)
-    return TailMatch(acc, kernel, build_args, dequant, tail)
+        last = (("input", 0), top) if first else (top, ("input", 0))
+        found = _matched(graph, builder, var, top,
+                         lambda ops: FloatTail(ops + (("add", *last),), 1.0, 0, "float32", inputs=1))
+        if found is not None:
+            return found
+    return None
 
 
 @mutator
@@ -232,9 +263,13 @@ class _EpilogueRewriter(BindingRewriter):
         self.source = mod
 
     def rewrite(self, var, call):
-        if self.graph.op_name(var) != "quantize":
+        op = self.graph.op_name(var)
+        if op == "quantize":
+            match = match_tail(self.graph, self.source, var, call)
+        elif op == "add":
+            match = match_residual(self.graph, self.source, var, call)
+        else:
             return None
-        match = match_tail(self.graph, self.source, var, call)
         if match is None:
             return None
         args = dict(match.build_args)
@@ -242,9 +277,11 @@ class _EpilogueRewriter(BindingRewriter):
         kernel = cached_kernel(qlinear_kernel, m, k, n, target=self.target, epilogue=match.tail,
                                dequant_rows=int(match.dequant.shape[0]), **args)
         x, w, bias = (self.visit_expr(a) for a in match.kernel.args[1].fields)
+        inputs = [self.visit_expr(v) if shape_of(v) == kernel.out_shape else
+                  self.builder_.emit(relax.op.reshape(self.visit_expr(v), kernel.out_shape)) for v in match.inputs]
         name = match.accumulator.name
-        out = emit_call(self.builder_, kernel.func, kernel.name, [x, w, bias, match.dequant], kernel.out_shape,
-                        kernel.out_dtype, name_hint=name)
+        out = emit_call(self.builder_, kernel.func, kernel.name, [x, w, bias, match.dequant, *inputs],
+                        kernel.out_shape, kernel.out_dtype, name_hint=name)
         if name in self.namer.kernel_layers:  # the layer the int32 kernel was recorded as
             self.namer.record(out, self.namer.kernel_layers[name])
         return out if shape_of(var) == kernel.out_shape else relax.op.reshape(out, shape_of(var))
