@@ -18,8 +18,8 @@ For each model (batch 1; timm models with random weights, edgeq reference models
                    :func:`edgeq.lower.integer.lower_integer`, ``compile_relax`` -- reported as not available
                    when the integer lowering is not importable;
 * ``edgeq w8a8-unfused`` (with ``--unfused``): the same W8A8 file with ``lower_integer(fuse_epilogues=False)``:
-                   the float ops after fc1 (dequantize, GELU, quantize) as separate glue instead of in the GEMM's
-                   epilogue, to show what the fusion buys in the same run;
+                   the float ops after fc1, fc2 and proj (dequantize, GELU, quantize, residual add) as separate
+                   glue instead of in the GEMMs' epilogues, to show what the fusion buys in the same run;
 * ``edgeq w8a8+pv4`` (with ``--narrow-av``): W8A8 with every ``matmul_av`` at 4 bits (its softmax codes and
                    ``v``), whose p @ v x86 runs as an int16 GEMM.
 

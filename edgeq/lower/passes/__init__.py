@@ -10,7 +10,8 @@
 * :class:`MultiplyByReciprocal` (:mod:`.reciprocal`) -- the float glue's divisions by constants (GELU's
   ``/ sqrt(2)``, every activation quantize) become multiplications by float32 reciprocals;
 * :class:`FuseQLinearEpilogue` (:mod:`.epilogue`) -- the float ops from an int32 ``qlinear`` to the next quantize
-  (fc1's dequantize, GELU, quantize) move into the kernel's epilogue (CPU targets).
+  (fc1's dequantize, GELU, quantize), or up to a residual add (fc2, proj), move into the kernel's epilogue (CPU
+  targets).
 
 :func:`edgeq.lower.integer.lower_integer` runs them in this order.
 """

@@ -1,4 +1,4 @@
-"""Pass: the float ops after an integer Linear, up to the next quantize, move into the kernel's epilogue.
+"""Pass: the float ops after an integer Linear, up to the next quantize or residual add, move into its epilogue.
 
 Matched, after :class:`~edgeq.lower.passes.qlinear.FuseQLinear` and
 :class:`~edgeq.lower.passes.reciprocal.MultiplyByReciprocal` (fc1 -> GELU -> quantize in a ViT block)::
@@ -13,6 +13,13 @@ where every intermediate is used only inside the chain. Emitted: one call of the
 :class:`~edgeq.lower.kernels.epilogue.FloatTail` that writes ``q``'s codes (``dequant`` = [scale; residual]).
 The int32 accumulator is never written to memory and the glue PrimFunc that re-read it is gone. The tail
 repeats the legalized ops in their order, so the fused build's codes equal the unfused build's bit for bit.
+
+A residual add is a terminal too (:func:`match_residual`: fc2 and the attention proj of a ViT block)::
+
+    y   = astype(acc, float32) * scale[N] [+ residual[N]]   [-> reshape]
+    out = R.add(stream, y)                              # either order; out float32, read by LayerNorm and the next add
+
+Emitted: the kernel with a float32 tail that reads ``stream`` as an extra input and writes ``out``.
 
 Only CPU (``llvm``) kernels are rebuilt; GPU builds keep the separate glue.
 """
