@@ -531,6 +531,10 @@ def board_options(command):
                              "left running here, when no tracker is set).")(command)
 
 
+# qemu-user's aarch64 models that match an edgeq target's features (qemu-aarch64 -cpu help lists them all)
+EMULATED_CPUS = ("cortex-a53", "cortex-a72", "cortex-a76", "neoverse-n1", "max")
+
+
 @cli.group("board")
 def board_group() -> None:
     """Start, stop and list boards edgeq runs on this machine (the emulated aarch64 board)."""
@@ -542,7 +546,11 @@ def board_group() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless asked).")
 @click.option("--tracker", metavar="HOST:PORT", help="Register with this RPC tracker.")
 @click.option("--key", help="Key to register under at the tracker (default rasp4-emulated).")
-def board_start_command(emulated: bool, port: int | None, host: str, tracker: str | None, key: str | None) -> None:
+@click.option("--cpu", type=click.Choice(EMULATED_CPUS), default="cortex-a72", show_default=True,
+              help="qemu's CPU model: cortex-a72 as a Raspberry Pi 4, cortex-a76 as a Pi 5 (dot product), max for "
+                   "every feature qemu has (int8 matrix multiply: orion-o6 builds).")
+def board_start_command(emulated: bool, port: int | None, host: str, tracker: str | None, key: str | None,
+                        cpu: str) -> None:
     """Start a board in the background and print its address (`edgeq board stop` ends it)."""
     from edgeq.boards.background import start_emulated_in_background
 
@@ -555,7 +563,7 @@ def board_start_command(emulated: bool, port: int | None, host: str, tracker: st
                    "its RPC server loads and runs whatever code it is sent, unauthenticated; keep 127.0.0.1 "
                    "unless the network is trusted", err=True)
     click.echo("edgeq: starting the emulated aarch64 board (builds its sysroot once; 15-20 s to serve)", err=True)
-    board = start_emulated_in_background(port, tracker, key, host=host,
+    board = start_emulated_in_background(port, tracker, key, host=host, cpu=cpu,
                                          log=lambda message: click.echo(f"edgeq: {message}", err=True))
     click.echo(f"{board.describe()} serving after {board.start_seconds} s")
     if board.tracker:

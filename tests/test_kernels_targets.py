@@ -1,4 +1,4 @@
-"""Kernels for the other target families: aarch64 (Cortex-A72 NEON, +dotprod) and CUDA, plus Relax glue.
+"""Kernels for the other target families: aarch64 (Cortex-A72 NEON, +dotprod, +i8mm) and CUDA, plus Relax glue.
 
 aarch64 builds are checked by their assembly (the widening multiply-accumulate instructions the schedules
 are meant to produce), exported with the cross compiler when ``aarch64-linux-gnu-gcc`` is installed, and
@@ -17,12 +17,14 @@ from aarch64_qemu import aarch64_available, aarch64_tools, run_aarch64
 
 from edgeq.lower.kernels import reference as ref
 from edgeq.lower.kernels.attention import log2_av_kernel, qk_kernel
-from edgeq.lower.kernels.micro import code_bits, int16_accumulation_steps, select_microkernel
+from edgeq.lower.kernels.micro import (code_bits, int16_accumulation_steps, select_attention_microkernel,
+                                      select_microkernel)
 from edgeq.lower.kernels.qlinear import _qlinear_func, _schedule_cpu, qlinear_kernel
 
 A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4}
 A72_DOT = {**A72, "mattr": ["+neon", "+dotprod"]}
 A76 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "num-cores": 4}
+A720 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a720", "num-cores": 4}  # implies i8mm
 CUDA = {"kind": "cuda", "arch": "sm_87"}
 
 needs_qemu = pytest.mark.skipif(not aarch64_available(), reason=f"aarch64 toolchain/qemu missing: {aarch64_tools()}")
@@ -36,6 +38,9 @@ def test_family_selection():
     assert select_microkernel(A72).family == "arm_neon"
     assert select_microkernel(A72_DOT).family == "arm_dotprod"
     assert select_microkernel(A76).family == "arm_dotprod"  # cortex-a76 implies dotprod
+    assert select_microkernel(A720).family == "arm_i8mm"
+    assert select_microkernel({**A72, "mattr": ["+neon", "+i8mm"]}).family == "arm_i8mm"
+    assert select_attention_microkernel(A720).family == "arm_dotprod"  # q·kᵀ and p·v keep one row per step
     assert select_microkernel(CUDA).family == "cuda"
     assert select_microkernel({"kind": "llvm", "mcpu": "haswell"}).family == "x86_avx2"
     assert select_microkernel({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}).family == "generic"
@@ -97,6 +102,15 @@ def test_dotprod_qlinear_uses_sdot():
     assert count(asm, "sdot") >= 8
 
 
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_i8mm_qlinear_uses_smmla(w_bits):
+    kern = qlinear_kernel(197, 192, 768, A720, w_bits=w_bits)
+    assert kern.micro.family == "arm_i8mm" and kern.micro.rows == 2
+    asm = arm_asm(kern, A720)
+    # the register tile: 4 row pairs x 4 channel pairs, one smmla each per 8-deep step
+    assert count(asm, "smmla") >= 16 and count(asm, "sdot") == 0 and count(asm, "smull") == 0
+
+
 @pytest.mark.skipif(aarch64_tools()["gcc"] is None, reason="aarch64-linux-gnu-gcc not installed")
 def test_aarch64_export(tmp_path):
     from tvm.support import cc
@@ -110,7 +124,7 @@ def test_aarch64_export(tmp_path):
 
 
 @needs_qemu
-@pytest.mark.parametrize("target", [A72, A72_DOT], ids=["a72", "dotprod"])
+@pytest.mark.parametrize("target", [A72, A72_DOT, A720], ids=["a72", "dotprod", "i8mm"])
 @pytest.mark.parametrize("m,k,n,x_dtype,w_bits,out_dtype", [
     (197, 192, 768, "int8", 8, "int8"),
     (197, 192, 768, "uint8", 4, "int8"),
@@ -142,6 +156,21 @@ def check_under_qemu(kern, target, x, x_zp, w8, rng, scales):
         expect = ref.qlinear_acc(x, x_zp, w, bias)
     else:
         expect = ref.qlinear(x, x_zp, w, bias, mult, shift, kern.out_zp, 8, kern.out_dtype)
+    np.testing.assert_array_equal(out, expect)
+
+
+@needs_qemu
+@pytest.mark.parametrize("m,x_dtype", [(1, "int8"), (6, "uint8")])
+def test_i8mm_largest_sums_bit_exact_under_qemu(m, x_dtype):
+    """smmla adds into int32 without an int16 stage: every product the largest, 4,104-deep rows, one odd row."""
+    k, n = 4104, 10
+    x = np.full((m, k), -128 if x_dtype == "int8" else 0, x_dtype)
+    x_zp = 0 if x_dtype == "int8" else 127  # uint8 0 enters the kernel as 0 - 128: its products are -128 * -128 too
+    kern = qlinear_kernel(m, k, n, A720, x_dtype=x_dtype, out_dtype="int32")
+    packed = kern.pack(np.full((n, k), -128, np.int8), None, x_zp)
+    out = run_aarch64(kern.func, kern.name, A720, [x, packed["w"], packed["bias"]], (m, n), "int32")
+    expect = ref.qlinear_acc(x, x_zp, np.full((n, k), -128, np.int8), None)
+    assert expect.min() == expect.max() == (int(x[0, 0]) - x_zp) * -128 * k
     np.testing.assert_array_equal(out, expect)
 
 

@@ -26,6 +26,7 @@ from edgeq.quant import quantize
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}
+A720 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a720"}  # arm_i8mm: tiles of row pairs
 
 #: GELU as the ONNX import has it after MultiplyByReciprocal, then a quantize's reciprocal scale
 GELU_TAIL = (("multiply", ("value", 0), ("const", 0.70710677)), ("erf", ("value", 1)),
@@ -130,14 +131,15 @@ def test_fused_kernel_codes_follow_the_float_tail():
 
 
 @pytest.mark.skipif(not aarch64_available(), reason=f"aarch64 toolchain/qemu missing: {aarch64_tools()}")
+@pytest.mark.parametrize("arm", [A72, A720], ids=["a72", "i8mm"])
 @pytest.mark.parametrize("residual", [False, True], ids=["gelu-quantize", "residual-add"])
-def test_fused_kernel_is_bit_exact_on_aarch64_under_qemu(residual):
+def test_fused_kernel_is_bit_exact_on_aarch64_under_qemu(residual, arm):
     host = host_target()
     outputs = []
-    for target in (A72, host):
+    for target in (arm, host):
         kern, inputs = _fused_kernel_inputs(target, np.random.default_rng(6), residual=residual)  # same values
-        if target is A72:
-            outputs.append(run_aarch64(kern.func, kern.name, A72, inputs, kern.out_shape, kern.out_dtype,
+        if target is arm:
+            outputs.append(run_aarch64(kern.func, kern.name, arm, inputs, kern.out_shape, kern.out_dtype,
                                        tir_pipeline=EXACT_FP_TIR_PIPELINE))
         else:
             outputs.append(HostKernel(kern.func, kern.name, host, tir_pipeline=EXACT_FP_TIR_PIPELINE)(

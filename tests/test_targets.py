@@ -17,7 +17,7 @@ from edgeq.lower.kernels.micro import kernel_family
 from edgeq.compile.targets import (TargetSpec, as_tvm_target, elf_info, list_targets, load_target, target_coercions,
                            targets_dir)
 
-BOARDS = {"rasp4", "rasp4-32", "rasp5", "jetson-orin-nano", "jetson-nano", "mali", "host"}
+BOARDS = {"rasp4", "rasp4-32", "rasp5", "orion-o6", "jetson-orin-nano", "jetson-nano", "mali", "host"}
 
 
 def tiny_relax_module(seed: int = 0):
@@ -308,6 +308,7 @@ def test_wrong_compiler_for_the_board_is_reported(tiny, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name, family", [
     ("rasp4", "arm_neon"),
     ("rasp5", "arm_dotprod"),
+    ("orion-o6", "arm_i8mm"),
     ("jetson-orin-nano", "cuda"),
     ('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}', "x86_avx2"),
 ])

@@ -102,10 +102,11 @@ def record(handle: BoardHandle, kind: str = "emulated") -> BackgroundBoard:
 
 def start_emulated_in_background(
     port: int | None = None, tracker: str | None = None, key: str | None = None, *, host: str = "127.0.0.1",
-    log=None,
+    log=None, cpu: str | None = None,
 ) -> BackgroundBoard:
-    """Start the emulated aarch64 board detached from this process (see :func:`start_emulated_board`)."""
-    from edgeq.boards.emulated import DEFAULT_KEY, start_emulated_board
+    """Start the emulated aarch64 board detached from this process (see :func:`start_emulated_board`; ``cpu``:
+    qemu's CPU model, default the Pi 4's Cortex-A72)."""
+    from edgeq.boards.emulated import DEFAULT_CPU, DEFAULT_KEY, start_emulated_board
 
     if port is not None:
         for board in list_boards():
@@ -115,7 +116,7 @@ def start_emulated_in_background(
             raise RemoteUnreachableError(f"port {port} on {host} is already in use by another program; choose "
                                          "another --port or leave it out (a free one is picked)")
     kwargs = {"log": log} if log is not None else {}
-    handle = start_emulated_board(port, tracker, key or DEFAULT_KEY, host=host, **kwargs)
+    handle = start_emulated_board(port, tracker, key or DEFAULT_KEY, host=host, cpu=cpu or DEFAULT_CPU, **kwargs)
     return record(handle, "emulated")
 
 

@@ -24,6 +24,8 @@ All GEMM-like kernels here share one structure (see :mod:`edgeq.lower.kernels.ql
                                 (multiply-add into 8x int16) for as many steps as
                                 :func:`int16_accumulation_steps` allows, then one ``sadalp`` widens
   arm_dotprod   4   4   int8   ``dup`` of 4 int8, ``sdot``
+  arm_i8mm      8   2   int8   two activation rows at once (``rows=2``): their 2x8 int8 block times a 2x8 block
+                                of two channels' weights, ``smmla`` (a 2x2 int32 tile, 32 MACs per instruction)
   x86_avx2_u8s8 16  8   int8   int4 weights only: 4x (``vpmaddubsw`` of uint8 activations x int8 weights,
                                 ``vpaddw``), one ``vpmaddwd`` by ones: exact as int4 keeps int16 sums < 2**15
   generic       1   8   int8   plain widening multiply-add vectors (LLVM picks the instructions)
@@ -35,8 +37,9 @@ All GEMM-like kernels here share one structure (see :mod:`edgeq.lower.kernels.ql
   weights are widened to int16 for ``vpmaddwd``; only int4 weights use ``vpmaddubsw``.
 
 The family comes from the TVM target (:func:`select_microkernel`): ``kind`` cuda -> ``cuda``;
-an aarch64 ``mtriple`` -> ``arm_dotprod`` when LLVM reports the ``dotprod`` feature for the target's
-``mcpu``/``mattr`` (e.g. ``"mattr": ["+neon", "+dotprod"]`` or ``"mcpu": "cortex-a76"``), else
+an aarch64 ``mtriple`` -> ``arm_i8mm`` when LLVM reports the ``i8mm`` feature for the target's ``mcpu``/``mattr``
+(e.g. ``"mcpu": "cortex-a720"``), else ``arm_dotprod`` when it reports ``dotprod`` (e.g.
+``"mattr": ["+neon", "+dotprod"]`` or ``"mcpu": "cortex-a76"``), else
 ``arm_neon`` (Cortex-A72), which :func:`~edgeq.lower.kernels.qlinear.qlinear_kernel` turns into ``arm_neon_s16``
 when the weight and activation widths let an int16 lane take two or more products
 (:func:`int16_accumulation_steps`); x86 by the LLVM features of the target's ``mcpu``/``mattr``, widest first
@@ -64,7 +67,7 @@ __all__ = ["Microkernel", "MICROKERNELS", "as_target", "select_microkernel", "se
 class Microkernel:
     family: str
     kg: int  # consecutive k per packed activation group / per weight lane group
-    vl: int  # int32 accumulator lanes of one step
+    vl: int  # output channels of one step (its int32 accumulator has vl * rows lanes)
     nb: int  # output channels per weight panel (a multiple of vl)
     mr: int  # activation rows held in registers
     lane_dtype: str  # dtype of one unpacked weight lane in a panel
@@ -74,6 +77,9 @@ class Microkernel:
     act_unsigned: bool = False  # activations enter as uint8 (x + 128 for int8) instead of int8
     attention_family: str | None = None  # the family q @ k^T and p @ v use instead (None: this one)
     int16_steps: int = 0  # steps an int16 accumulator lane takes before it is widened (0: widened every step)
+    # activation rows one step multiplies: 2 for smmla, whose accumulator is the row-major 2x2 tile
+    # (row 0: channels 0, 1; row 1: channels 0, 1); mr then counts row pairs
+    rows: int = 1
 
     @property
     def sub_kg(self) -> int:
@@ -104,8 +110,9 @@ class Microkernel:
         return j * self.vl + n8, i * self.sub_kg + t
 
     def step(self, acc, a, w):
-        """``acc + dot(a, w)`` for one step: acc int32 x vl, ``a`` the ``ksub`` activation scalars of the
-        group (a single scalar when ksub == 1), w lane_dtype x (vl*kg)."""
+        """``acc + dot(a, w)`` for one step: acc int32 x (vl*rows), ``a`` the ``ksub`` activation scalars of the
+        group (a single scalar when ksub == 1; with rows == 2 the int8 vector of both rows' groups),
+        w lane_dtype x (vl*kg)."""
         vl = self.vl
         if self.family == "x86_avx2_u8s8":
             # uint8 x int8 byte pairs -> int16 (vpmaddubsw), ksub of them summed in int16 (vpaddw), then
@@ -141,6 +148,8 @@ class Microkernel:
         if self.family == "arm_dotprod":
             av = tirx.reinterpret("int8x16", tirx.Broadcast(a, 4))
             return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, av, w)
+        if self.family == "arm_i8mm":  # a: int8x16, two rows of 8 k; w: two channels of 8 k; no saturation
+            return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.smmla.v4i32.v16i8", acc, a, w)
         if self.family == "generic":
             return acc + tirx.Cast(f"int32x{vl}", w) * tirx.Broadcast(tirx.Cast("int32", a), vl)
         raise ValueError(f"no vector step for family {self.family!r}")
@@ -195,6 +204,9 @@ MICROKERNELS: dict[str, Microkernel] = {
     "arm_neon_s16": Microkernel("arm_neon_s16", kg=2, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8,
                                 a_dtype="int16", int16_steps=1),
     "arm_dotprod": Microkernel("arm_dotprod", kg=4, vl=4, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int32"),
+    # mr = 4 row pairs x nb = 8 channels: 16 accumulator registers, 4 activation and 4 weight loads per 16 smmla
+    "arm_i8mm": Microkernel("arm_i8mm", kg=8, vl=2, nb=8, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int8",
+                            rows=2, attention_family="arm_dotprod"),
     "generic": Microkernel("generic", kg=1, vl=8, nb=16, mr=4, lane_dtype="int8", lane_bits=8, a_dtype="int8"),
     "cuda": Microkernel("cuda", kg=4, vl=1, nb=16, mr=8, lane_dtype="int8", lane_bits=8, a_dtype="int32"),
 }
@@ -221,7 +233,10 @@ def select_microkernel(target, family: str | None = None) -> Microkernel:
         return MICROKERNELS["generic"]
     triple = str(tgt.attrs.get("mtriple", "") or tvm.target.codegen.llvm_get_system_triple())
     if triple.startswith(("aarch64", "arm64")):
-        return MICROKERNELS["arm_dotprod" if _has_feature(tgt, "dotprod") else "arm_neon"]
+        for family, feature in (("arm_i8mm", "i8mm"), ("arm_dotprod", "dotprod")):
+            if _has_feature(tgt, feature):
+                return MICROKERNELS[family]
+        return MICROKERNELS["arm_neon"]
     if triple.startswith(("x86_64", "i686", "i386")):
         for family, features in X86_FAMILY_FEATURES:
             if all(_has_feature(tgt, f) for f in features):

@@ -258,7 +258,8 @@ def _default_tasks(tgt: tvm.target.Target) -> int:
 def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_bits, out_zp,
                   a_bits: int = 8, tail: Optional[FloatTail] = None, dequant_rows: int = 1) -> tirx.PrimFunc:
     kg, nb, vl, mr = micro.kg, micro.nb, micro.vl, micro.mr
-    Mp = ceil_div(M, mr) * mr
+    rows = micro.rows  # with 2 (smmla) the row loops of A and C walk row pairs
+    Mp = ceil_div(ceil_div(M, rows), mr) * mr
     KG = ceil_div(K, kg)
     NBLK = ceil_div(N, nb)
     LW = nb * kg  # lanes of one panel row (one k-group, nb channels)
@@ -301,12 +302,15 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
     # activation rows themselves read as int32, so there is no packing stage (rows past M repeat the last)
     direct = (micro.act_unsigned and x_dtype == "uint8" and ksub == 1 and micro.lane_bits == 8 and kg == 4
               and K % kg == 0)
-    a_shape = (1, 1) if direct else (Mp, KGA * ksub)
+    a_shape = (1, 1) if direct else (Mp, KGA * ksub) if rows == 1 else (Mp, KGA, rows * kg)
     a_rows = M if direct else Mp
+    CL = vl * rows  # accumulator lanes of one step
 
     def step(acc, A, vm, vg, w):
         if direct:
             return step_expr(micro, acc, A[tirx.min(vm, M - 1), vg], w)
+        if rows > 1:
+            return step_expr(micro, acc, A[vm, vg, lanes(0, rows * kg)], w)
         a = [A[vm, vg * ksub + i] for i in range(ksub)] if ksub > 1 else A[vm, vg]
         return step_expr(micro, acc, a, w)
 
@@ -318,6 +322,21 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
         if not requant:
             return acc
         return requant_tir(acc, RQ, vn, out_zp, out_bits, out_dtype)
+
+    def pair_value(X, vm, vg, vt):
+        """Lane ``vt`` of row pair ``vm``'s group ``vg``: row ``vm * rows + vt // kg``, k ``vg * kg + vt % kg``."""
+        row, kk = vm * rows + tirx.floordiv(vt, kg), vg * kg + tirx.floormod(vt, kg)
+        load = X[tirx.min(row, M - 1), tirx.min(kk, K - 1)]
+        return tirx.Cast("int8", tirx.if_then_else(tirx.all(row < M, kk < K), signed_value(load, x_dtype, offset), 0))
+
+    @T.macro
+    def stage_a_pairs(X, A):
+        for m, g, t in T.grid(Mp, KGA, rows * kg):
+            with T.sblock("A"):
+                vm, vg, vt = T.axis.remap("SSS", [m, g, t])
+                T.reads(X[0:M, 0:K])
+                T.writes(A[vm, vg, vt])
+                A[vm, vg, vt] = pair_value(X, vm, vg, vt)
 
     @T.macro
     def stage_a(X, A):
@@ -351,6 +370,18 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
                                                      P[vb, vg, lanes(vj * LV, LV)])
 
     @T.macro
+    def stage_c_pairs(A, P, C):
+        for m, b, j, g in T.grid(Mp, NBLK, J, KG):
+            with T.sblock("C"):
+                vm, vb, vj, vg = T.axis.remap("SSSR", [m, b, j, g])
+                T.reads(A[vm, vg, 0:rows * kg], P[vb, vg, vj * LV: vj * LV + LV])
+                T.writes(C[vm, vb, vj * CL: vj * CL + CL])
+                with T.init():
+                    C[vm, vb, lanes(vj * CL, CL)] = T.broadcast(T.int32(0), CL)
+                C[vm, vb, lanes(vj * CL, CL)] = step(C[vm, vb, lanes(vj * CL, CL)], A, vm, vg,
+                                                     P[vb, vg, lanes(vj * LV, LV)])
+
+    @T.macro
     def stage_c16(A, P, C16, C):
         # products added in int16 lanes for CH steps (smlal), each chunk then widened into int32 (sadalp)
         # iteration order (chunk step, row, vector): compute_at recreates the chunk's loops in this order
@@ -378,14 +409,34 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
 
     @T.macro
     def body(X, Wp, Bias, RQ, O, R):
-        C = T.sblock_alloc_buffer((Mp, NBLK, nb), "int32")
+        C = T.sblock_alloc_buffer((Mp, NBLK, nb * rows), "int32")
         P = T.sblock_alloc_buffer(p_shape, lane_dtype)
         if direct:
             A = T.decl_buffer((M, KG), "int32", data=X.data)
+        elif rows > 1:
+            A = T.sblock_alloc_buffer(a_shape, a_dtype)
+            stage_a_pairs(X, A)
         else:
             A = T.sblock_alloc_buffer(a_shape, a_dtype)
             stage_a(X, A)
-        if wide16:
+        if rows > 1:
+            if needs_panel:
+                stage_p(Wp, P)
+                stage_c_pairs(A, P, C)
+            else:
+                stage_c_pairs(A, Wp, C)
+            # the 2x2 tiles back to one row per index, so the epilogue reads C as the one-row kernels do
+            D = T.sblock_alloc_buffer((Mp * rows, NBLK, nb), "int32")
+            for mm, b, t in T.grid(Mp, NBLK, nb * rows):
+                with T.sblock("D"):
+                    vp, vb, vt = T.axis.remap("SSS", [mm, b, t])
+                    D[vp * rows + tirx.floormod(tirx.floordiv(vt, vl), rows), vb,
+                      tirx.floordiv(vt, CL) * vl + tirx.floormod(vt, vl)] = C[vp, vb, vt]
+            for mm, nn in T.grid(M, N):
+                with T.sblock("O"):
+                    vm, vn = T.axis.remap("SS", [mm, nn])
+                    O[vm, vn] = epilogue(D, Bias, RQ, vm, vn, R)
+        elif wide16:
             C16 = T.sblock_alloc_buffer(c16_shape, "int16")
             if needs_panel:
                 stage_p(Wp, P)
@@ -397,10 +448,11 @@ def _qlinear_func(M, K, N, micro: Microkernel, x_dtype, w_bits, out_dtype, out_b
             stage_c(A, P, C)
         else:
             stage_c(A, Wp, C)
-        for mm, nn in T.grid(M, N):
-            with T.sblock("O"):
-                vm, vn = T.axis.remap("SS", [mm, nn])
-                O[vm, vn] = epilogue(C, Bias, RQ, vm, vn, R)
+        if rows == 1:
+            for mm, nn in T.grid(M, N):
+                with T.sblock("O"):
+                    vm, vn = T.axis.remap("SS", [mm, nn])
+                    O[vm, vn] = epilogue(C, Bias, RQ, vm, vn, R)
 
     if tail is not None and tail.inputs:
         @T.prim_func(s_tir=True)
@@ -476,6 +528,11 @@ def _schedule_cpu(func: tirx.PrimFunc, micro: Microkernel, num_tasks: int, k_unr
         task, mo_i = nblk, mo
     parallel(sch, task)
     sch.set_scope(b_c, 0, "local")
+    b_d = blocks.get("D")
+    if b_d is not None:  # row pairs: the tile's untangling, then its epilogue
+        sch.reverse_compute_at(b_d, mo_i)
+        sch.set_scope(b_d, 0, "local")
+        vectorize(sch, sch.get_loops(b_d)[-1])
     sch.reverse_compute_at(b_o, mo_i)
     if b_c16 is not None:
         # one chunk: CH steps of the (mr rows x nb channels) int16 tile, held in registers, then widened
