@@ -1,6 +1,7 @@
 """Top-1 agreement of the compiled integer program with the PyTorch fake-quant model on CIFAR-10 val.
 
-For one reference model and one bit plan: calibrate and quantize (lrp-qvit, the calibration recipe's images),
+For one reference model and one bit plan: calibrate and quantize (``--method``, default lrp-qvit, on the calibration
+recipe's images; ``--reconstruct adaround|gptq`` reconstructs blocks after that),
 export ONNX QDQ, import into Relax, lower to integer kernels (``edgeq.lower.integer.lower_integer``), compile
 for the host with ``edgeq.compile.library.build`` and run the class-balanced val subset through both. Prints one JSON
 object: top-1 agreement, accuracies of both, the relative logit error, times. For scale, the same ONNX file run
@@ -44,6 +45,7 @@ from edgeq.data import data_config  # noqa: E402
 from edgeq.data.calibration import CalibrationRecipe, load_calibration, resolve_recipe  # noqa: E402
 from edgeq.models import REFERENCE_MODELS, create_model  # noqa: E402
 from edgeq.quant import quantize  # noqa: E402
+from edgeq.quant.reconstruct import RECONSTRUCTION_CHOICES, resolve_reconstruction  # noqa: E402
 from edgeq.quant.convert import quantizable_layers  # noqa: E402
 
 MIXED_CHOICES = (LayerBits(8, 8), LayerBits(4, 8), LayerBits(4, 4), LayerBits(6, 6))
@@ -94,6 +96,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--method", default="lrp-qvit", choices=["minmax", "repq", "lrp-qvit"])
+    parser.add_argument("--seed", type=int, default=0,
+                        help="calibration draw: the recipe's images, the range search's and reconstruction's seed "
+                             "(as bench/ptq_accuracy.py's seeds)")
+    parser.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTION_CHOICES),
+                        help="block reconstruction after calibration (cached like edgeq quantize's)")
+    parser.add_argument("--recon-iters", type=int, default=None, help="reconstruction iterations per block")
     parser.add_argument("--noise-floor", type=float, default=0.0, metavar="EPS",
                         help="also report fake-quant vs itself with relative noise EPS at quantizer inputs")
     return parser.parse_args()
@@ -122,10 +131,11 @@ def main() -> None:
         plan_name = args.bits or "w8a8"
         plan = BitPlan.from_spec(plan_name)
     val = load_calibration(CalibrationRecipe(data=args.val, count=args.limit or sys.maxsize, seed=0), config)
-    calib = load_calibration(resolve_recipe(args.calib, seed=0), config).images
+    calib = load_calibration(resolve_recipe(args.calib, seed=args.seed), config).images
 
     start = time.perf_counter()
-    qmodel = quantize(model, calib, plan, method="lrp-qvit")
+    reconstruction = resolve_reconstruction(args.reconstruct, plan, args.recon_iters, seed=args.seed)
+    qmodel = quantize(model, calib, plan, method=args.method, seed=args.seed, reconstruction=reconstruction)
     times["quantize_s"] = time.perf_counter() - start
     images, labels = val.images, val.labels.numpy()
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +168,8 @@ def main() -> None:
                  "noise_floor_agreement_top1": float((noisy.argmax(-1) == ref.argmax(-1)).mean()),
                  "noise_floor_logits_rel_err": float(np.linalg.norm(noisy - ref) / np.linalg.norm(ref))}
     result = {
-        "model": args.model, "plan": plan_name, "images": len(images), "batch": args.batch,
+        "model": args.model, "plan": plan_name, "method": args.method, "reconstruct": args.reconstruct, "seed": args.seed,
+        "calib": args.calib, "images": len(images), "batch": args.batch,
         "integer_kernels": kernels, "quantized_layers": len(qmodel.metadata["layers"]),
         "weight_bytes": weight_bytes(mod),
         "agreement_top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),

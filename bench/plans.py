@@ -49,6 +49,7 @@ from edgeq.data.calibration import CalibrationRecipe, load_calibration, resolve_
 from edgeq.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from edgeq.models import create_model  # noqa: E402
 from edgeq.plan import (  # noqa: E402
+    MATMUL_SUFFIXES,
     AllocationOptions,
     layer_costs,
     layer_objective,
@@ -60,6 +61,9 @@ from edgeq.quant import METHODS, quantize  # noqa: E402
 from edgeq.quant.reconstruct import RECONSTRUCTION_METHODS, ReconstructionConfig  # noqa: E402
 
 PLANNERS = ("lrp", "sensitivity", "nuclear", "mix")
+# sensitivity whose trials GPTQ-round each layer: is the cheap proxy (round-to-nearest trials) ranking layers as a
+# reconstructed model would? Not a default column (its trials cost a Hessian pass each).
+RECONSTRUCTED_SENSITIVITY = "sensitivity-gptq"
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="evaluate on N class-balanced val images (0: all 5000)")
     parser.add_argument("--avg-bits", type=int, nargs="+", default=[3, 4, 5, 6])
     parser.add_argument("--a-bits", type=int, nargs="+", default=[4], help="activation width of every row (one table each)")
-    parser.add_argument("--planners", nargs="+", default=list(PLANNERS), choices=list(PLANNERS))
+    parser.add_argument("--planners", nargs="+", default=list(PLANNERS), choices=[*PLANNERS, RECONSTRUCTED_SENSITIVITY])
     parser.add_argument("--random-seeds", type=int, default=3, help="random-control plans per budget (seeds 0..N-1)")
     parser.add_argument("--quant-method", default="lrp-qvit", choices=list(METHODS))
     parser.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTION_METHODS),
@@ -105,9 +109,18 @@ def run_model(name: str, args: argparse.Namespace, save: Callable[[dict], None])
     objectives = {}
     for planner in args.planners:
         start = time.perf_counter()
-        objectives[planner] = layer_objective(model, planner, calib, quant_method=args.quant_method)
+        if planner == RECONSTRUCTED_SENSITIVITY:
+            objectives[planner] = layer_objective(model, "sensitivity", calib, quant_method=args.quant_method,
+                                                  sensitivity_reconstruct="gptq")
+        else:
+            objectives[planner] = layer_objective(model, planner, calib, quant_method=args.quant_method)
         result["seconds"][planner] = round(time.perf_counter() - start, 1)
         log(f"  {planner} scores: {result['seconds'][planner]} s")
+    if {"sensitivity", RECONSTRUCTED_SENSITIVITY} <= set(objectives):
+        result["damage_rank_correlation"] = damage_rank_correlation(objectives["sensitivity"].damage,
+                                                                    objectives[RECONSTRUCTED_SENSITIVITY].damage)
+        log("  Spearman rank correlation of the layers' damage, round-to-nearest vs GPTQ trials: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in result["damage_rank_correlation"].items()))
 
     def measure(plan: BitPlan) -> dict:
         qmodel = quantize(model, final_calib, plan, method=args.quant_method, reconstruction=reconstruction)
@@ -136,6 +149,24 @@ def run_model(name: str, args: argparse.Namespace, save: Callable[[dict], None])
             save(result)
             log(f"  A{a_bits} {budget}: " + ", ".join(f"{k} {v['top1']:.2f}" for k, v in row.items()))
     return result
+
+
+def damage_rank_correlation(plain: dict, reconstructed: dict) -> dict[str, float]:
+    """Per weight width ``w`` (activations at the widest): Spearman's rank correlation over the weight layers of
+    their damage in the two tables (no ties expected in measured damage)."""
+    out = {}
+    widths = sorted({w for table in plain.values() for (w, a) in table})
+    for w in widths:
+        names = [n for n, table in plain.items()
+                 if any(k[0] == w for k in table) and n in reconstructed and n.rsplit(".", 1)[-1] not in MATMUL_SUFFIXES]
+        if len(names) < 3:
+            continue
+        top_a = {n: max(a for (ww, a) in plain[n] if ww == w) for n in names}
+        xs = torch.tensor([plain[n][(w, top_a[n])] for n in names], dtype=torch.float64)
+        ys = torch.tensor([reconstructed[n][(w, top_a[n])] for n in names], dtype=torch.float64)
+        rx, ry = xs.argsort().argsort().double(), ys.argsort().argsort().double()
+        out[f"w{w}"] = float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+    return out
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:

@@ -102,6 +102,31 @@ def test_deterministic_and_cached(images, monkeypatch, single_thread):
         _measure(changed, images)
 
 
+def test_gptq_trials_measure_reconstructed_layers(images, monkeypatch, single_thread):
+    """reconstruct="gptq" rounds each weight trial with GPTQ: weight damage changes (less in all, at 2 bits), the
+    attention matmuls (no weights) keep theirs, and the table is cached under its own key."""
+    from edgeq.errors import PlanningError
+    import edgeq.quant.reconstruct as reconstruct
+
+    model = tiny_vit()
+    plain = _measure(model, images, cache=False)
+    rounded = []
+    original = reconstruct.gptq_round_layer
+    monkeypatch.setattr(reconstruct, "gptq_round_layer", lambda layer, h: (rounded.append(layer.name), original(layer, h)))
+    gptq = _measure(model, images, reconstruct="gptq")
+    weights = [name for name, kind in plain.kinds.items() if kind != "matmul"]
+    assert sorted(set(rounded)) == sorted(weights)
+    for name, kind in plain.kinds.items():
+        if kind == "matmul":
+            assert gptq.kl[name] == plain.kl[name]
+    assert any(gptq.kl[name] != plain.kl[name] for name in weights)
+    assert sum(gptq.kl[n][(2, 8)] for n in weights) < sum(plain.kl[n][(2, 8)] for n in weights)
+    assert gptq.info["key"]["reconstruct"] == "gptq" and "reconstruct" not in plain.info["key"]
+    assert _measure(model, images, reconstruct="gptq").kl == gptq.kl  # from the cache
+    with pytest.raises(PlanningError, match="none or gptq"):
+        _measure(model, images, reconstruct="adaround")
+
+
 def test_damaged_cache_entry_is_measured_again(images, single_thread):
     model = tiny_vit()
     first = _measure(model, images)

@@ -141,18 +141,23 @@ def layer_objective(
     w_bits: Sequence[int] = DEFAULT_W_BITS,
     a_bits: Sequence[int] = DEFAULT_A_BITS,
     progress: Callable[[int, int, str], None] | None = None,
+    sensitivity_reconstruct: str = "none",
 ) -> LayerObjective:
-    """Score (``lrp``, ``nuclear``) or measure (``sensitivity``, ``mix``) the layers of ``model`` on ``images``."""
+    """Score (``lrp``, ``nuclear``) or measure (``sensitivity``, ``mix``) the layers of ``model`` on ``images``
+    (``sensitivity_reconstruct``: see :func:`measure_sensitivity`'s ``reconstruct``)."""
     check_method(method)
     if method == "random":
         raise PlanningError("the random control has no layer objective: use random_plan")
     if method in ("lrp", "nuclear"):
         score = lrp_scores if method == "lrp" else nuclear_scores
         return LayerObjective(method, score(model, images, include_matmuls=include_matmuls))
-    table = measure_sensitivity(model, images, method=quant_method, w_bits=w_bits, a_bits=a_bits, progress=progress)
+    table = measure_sensitivity(model, images, method=quant_method, w_bits=w_bits, a_bits=a_bits, progress=progress,
+                                reconstruct=sensitivity_reconstruct)
     damage, scores = table.damage(), table.scores()
     info: dict[str, Any] = {"sensitivity": {**{k: v for k, v in table.info.items() if k != "key"},
                                             "quant_method": quant_method}}
+    if sensitivity_reconstruct != "none":
+        info["sensitivity"]["reconstruct"] = sensitivity_reconstruct
     if method == "mix":
         relevance = lrp_scores(model, images, include_matmuls=include_matmuls)
         damage = mix_damage(damage, relevance)
@@ -174,6 +179,7 @@ def make_plan(
     quant_method: str = "lrp-qvit",
     options: AllocationOptions | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    sensitivity_reconstruct: str = "none",
     **overrides: Any,
 ) -> tuple[BitPlan, dict[str, float]]:
     """Score ``model``'s layers with ``method`` and allocate bits under ``budgets``.
@@ -184,7 +190,8 @@ def make_plan(
     ``quant_method``: the quantization the ``sensitivity``/``mix`` trials use
     (as :func:`edgeq.quant.quantize`'s ``method``). ``options``/``overrides``:
     :class:`AllocationOptions` (candidate widths, latency table, model name...).
-    ``progress(done, total, layer)`` follows the sensitivity trials.
+    ``progress(done, total, layer)`` follows the sensitivity trials; ``sensitivity_reconstruct``
+    "gptq" makes them measure GPTQ-rounded layers (:func:`measure_sensitivity`).
     """
     check_method(method)
     budget_list = parse_budgets(budgets)  # malformed budgets fail before any model work
@@ -207,5 +214,6 @@ def make_plan(
         # The trials take minutes: a budget no plan meets fails first (any scores give the same feasible set).
         allocate(costs, budget_list, scores=dict.fromkeys(costs, 1.0), options=opts)
     objective = layer_objective(model, method, images, include_matmuls=include_matmuls, quant_method=quant_method,
-                                w_bits=opts.w_bits, a_bits=opts.a_bits, progress=progress)
+                                w_bits=opts.w_bits, a_bits=opts.a_bits, progress=progress,
+                                sensitivity_reconstruct=sensitivity_reconstruct)
     return objective.allocate(costs, budget_list, options=opts, provenance=extra), objective.scores

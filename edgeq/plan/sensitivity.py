@@ -229,6 +229,15 @@ def _quantized_layer(work: nn.Module, spec: LayerSpec, captured: tuple[torch.Ten
     return {spec.name: module, **({spec.norm: norm} if norm is not None else {})}
 
 
+def _gptq_round(work: nn.Module, layer: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+    """GPTQ rounding of an installed trial layer on the Hessian of its quantized input over ``images``."""
+    from edgeq.quant.reconstruct import InputHessian, gptq_round_layer
+
+    with InputHessian(layer) as hessian:
+        _logits(work, images, batch_size)
+    gptq_round_layer(layer, hessian.value)
+
+
 def _trials(kind: str, w_bits: Sequence[int], a_bits: Sequence[int]) -> list[tuple[int, int]]:
     top_w, top_a = max(w_bits), max(a_bits)
     if kind == "matmul":
@@ -286,6 +295,7 @@ def measure_sensitivity(
     batch_size: int = 64,
     cache: bool = True,
     progress: Progress | None = None,
+    reconstruct: str = "none",
     **quant_options: Any,
 ) -> SensitivityTable:
     """Damage of quantizing each layer alone at each candidate width (module docstring).
@@ -294,7 +304,13 @@ def measure_sensitivity(
     ``quant_options``: as for :func:`edgeq.quant.quantize`, so the trials
     quantize exactly as the final model will be. ``cache``: read and write the
     table under the edgeq cache. ``progress(done, total, layer)`` follows the trials.
+    ``reconstruct``: "gptq" rounds each trial's weights with GPTQ on the calibration
+    images (the Hessian of the layer's quantized input, with every other layer
+    float), so the table measures reconstructed layers; "none" (the default)
+    measures round-to-nearest, the cheaper proxy (README: the two rank layers alike).
     """
+    if reconstruct not in ("none", "gptq"):
+        raise PlanningError(f"sensitivity trials reconstruct with none or gptq, not {reconstruct!r}")
     check_supported(model)
     config = QuantConfig.for_method(method, **quant_options)
     images = check_calibration_data(images, expected_input_shape(model))
@@ -308,6 +324,8 @@ def measure_sensitivity(
         "method": method, "config": config.to_json(), "w_bits": list(w_bits), "a_bits": list(a_bits),
         "holdout": holdout,
     }
+    if reconstruct != "none":
+        key["reconstruct"] = reconstruct
     path = _cache_path(key)
     if cache:
         cached = _read_cached(path, key)
@@ -329,6 +347,8 @@ def measure_sensitivity(
         for w, a in _trials(spec.kind, w_bits, a_bits):
             modules = _quantized_layer(work, _spec_at(spec, w, a), captured[name], config)
             with _installed(work, modules):
+                if reconstruct == "gptq" and spec.kind != "matmul":
+                    _gptq_round(work, modules[name], images[calibrate_idx], batch_size)
                 kl[name][(w, a)], agreement[name][(w, a)] = _damage(reference, _logits(work, held, batch_size))
             done += 1
             if progress is not None:

@@ -345,6 +345,36 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     return codes.to(torch.float32)
 
 
+class InputHessian:
+    """``with InputHessian(layer) as h: <forward passes>`` sums ``X^T X`` of the rows ``layer``'s (quantized) input
+    gives its weight (:func:`_layer_rows`) over those passes; ``h.value`` is the sum (None before any)."""
+
+    def __init__(self, layer: _QuantWeighted):
+        self.layer, self.value, self._handle = layer, None, None
+
+    def _collect(self, _module, _args, out) -> None:
+        rows = _layer_rows(self.layer, out.detach()).to(torch.float64)
+        self.value = rows.T @ rows if self.value is None else self.value + rows.T @ rows
+
+    def __enter__(self) -> "InputHessian":
+        self._handle = self.layer.input_quant.register_forward_hook(self._collect)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._handle.remove()
+
+
+@torch.no_grad()
+def gptq_round_layer(layer: _QuantWeighted, hessian: torch.Tensor) -> None:
+    """Replace ``layer``'s integer weights by GPTQ's rounding of its float weights under ``hessian`` (same grid)."""
+    if layer.float_weight is None:
+        raise CalibrationError(f"reconstruction needs a freshly calibrated model ({layer.name} has no float weight)")
+    out_channels = layer.weight_int.shape[0]
+    codes = gptq_codes(layer.float_weight.reshape(out_channels, -1), hessian, layer.weight_scale,
+                       layer.weight_zero_point.to(torch.float32), layer.w_qmin, layer.w_qmax)
+    layer.weight_int.copy_(codes.reshape(layer.weight_int.shape).to(torch.int8))
+
+
 @torch.no_grad()
 def _gptq_unit(name: str, unit: nn.Module, x_q: torch.Tensor, target: torch.Tensor, config: ReconstructionConfig,
                tick: Callable[[], None]) -> dict[str, Any]:
@@ -352,25 +382,10 @@ def _gptq_unit(name: str, unit: nn.Module, x_q: torch.Tensor, target: torch.Tens
     layers = [m for m in unit.modules() if isinstance(m, _QuantWeighted)]
     starts = [layer.weight_int.clone() for layer in layers]
     for layer in layers:
-        if layer.float_weight is None:
-            raise CalibrationError(f"reconstruction needs a freshly calibrated model ({layer.name} has no float weight)")
-        hessian = None
-
-        def collect(_module, _args, out, layer=layer):
-            nonlocal hessian
-            rows = _layer_rows(layer, out.detach()).to(torch.float64)
-            hessian = rows.T @ rows if hessian is None else hessian + rows.T @ rows
-
-        handle = layer.input_quant.register_forward_hook(collect)
-        try:
+        with InputHessian(layer) as hessian:
             for xb in x_q.split(config.batch_size):
                 unit(xb)
-        finally:
-            handle.remove()
-        out_channels = layer.weight_int.shape[0]
-        codes = gptq_codes(layer.float_weight.reshape(out_channels, -1), hessian, layer.weight_scale,
-                           layer.weight_zero_point.to(torch.float32), layer.w_qmin, layer.w_qmax)
-        layer.weight_int.copy_(codes.reshape(layer.weight_int.shape).to(torch.int8))
+        gptq_round_layer(layer, hessian.value)
         tick()
     final_error = _unit_error(unit, x_q, target, config.batch_size)
     if not math.isfinite(final_error):
