@@ -111,9 +111,10 @@ def run_model(name: str, args: argparse.Namespace, save: Callable[[dict], None])
         start = time.perf_counter()
         if planner == RECONSTRUCTED_SENSITIVITY:
             objectives[planner] = layer_objective(model, "sensitivity", calib, quant_method=args.quant_method,
-                                                  sensitivity_reconstruct="gptq")
+                                                  sensitivity_reconstruct="gptq", device=args.device)
         else:
-            objectives[planner] = layer_objective(model, planner, calib, quant_method=args.quant_method)
+            objectives[planner] = layer_objective(model, planner, calib, quant_method=args.quant_method,
+                                                  device=args.device)
         result["seconds"][planner] = round(time.perf_counter() - start, 1)
         log(f"  {planner} scores: {result['seconds'][planner]} s")
     if {"sensitivity", RECONSTRUCTED_SENSITIVITY} <= set(objectives):
@@ -123,7 +124,8 @@ def run_model(name: str, args: argparse.Namespace, save: Callable[[dict], None])
             + ", ".join(f"{k} {v:.3f}" for k, v in result["damage_rank_correlation"].items()))
 
     def measure(plan: BitPlan) -> dict:
-        qmodel = quantize(model, final_calib, plan, method=args.quant_method, reconstruction=reconstruction)
+        qmodel = quantize(model, final_calib, plan, method=args.quant_method, reconstruction=reconstruction,
+                          device=args.device)
         metrics = plan_metrics(plan, costs)
         return {"top1": top1(qmodel, val.images, val.labels, args.batch_size),
                 "weight_bytes": metrics["weight-bytes"], "avg_bits": metrics["avg-bits"],

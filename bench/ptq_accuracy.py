@@ -51,11 +51,13 @@ ABLATIONS = (
 
 
 def model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """--models, --val and --calib, shared by the accuracy benches."""
+    """--models, --val, --calib and --device, shared by the accuracy benches."""
     parser.add_argument("--models", nargs="+", default=sorted(REFERENCE_MODELS), choices=sorted(REFERENCE_MODELS))
     parser.add_argument("--val", default="cifar10/val.tar.gz", help="folder or archive (also under $EDGEQ_DATA)")
     parser.add_argument("--calib", default=str(REPO / "calibration" / "cifar10-32.yaml"),
                         help="calibration recipe (YAML) or data folder/archive")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto: where calibration, sensitivity "
+                                                         "trials and reconstruction run (scoring stays on the CPU)")
 
 
 def parse_args() -> argparse.Namespace:
@@ -124,7 +126,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
                                                   seed=seed)
             start = time.perf_counter()
             qmodel = quantize(model, calib[seed], bits, method=method, seed=seed, reconstruction=reconstruction,
-                              **options)
+                              device=args.device, **options)
             secs.append(time.perf_counter() - start)
             for unit in (qmodel.metadata.get("reconstruction") or {}).get("units", []):
                 print(f"    {unit['unit']}: block output error {unit['start_error']:.4g} -> {unit['final_error']:.4g}"

@@ -112,6 +112,20 @@ def reconstruction_options(command):
                              "some layer has 4 bits or fewer. Results are cached.")(command)
 
 
+def device_option(command):
+    """--device, shared by plan, quantize and build; checked before any model is loaded."""
+    def check(_ctx, _param, value):
+        from edgeq.quant.device import resolve_device
+
+        resolve_device(value)  # DeviceUnavailableError (exit 24) before any work
+        return value
+
+    return click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]|auto",
+                        callback=check,
+                        help="Where calibration, sensitivity trials and reconstruction run: cpu, cuda, cuda:N, or "
+                             "auto (the first CUDA device torch sees, else the CPU).")(command)
+
+
 def check_calibration_option(calib: str, count: int | None, seed: int | None) -> None:
     """The recipe parses and its images exist: checked before the model loads (seconds to a minute)."""
     from edgeq.data.archive import resolve_data_path
@@ -275,8 +289,9 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the bit plan (JSON) goes.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw per-layer scores and chosen bits (PNG).")
+@device_option
 def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, method, quant_method, budgets,
-                 latency_table, w_bits, a_bits, seed, out, plot) -> None:
+                 latency_table, w_bits, a_bits, seed, out, plot, device) -> None:
     """Choose per-layer bit widths under a budget and write a bit plan."""
     from edgeq.bitplan import write_plan
     from edgeq.plan import check_method, make_plan, parse_budgets, plan_metrics, plot_plan, layer_costs
@@ -302,7 +317,7 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
     with progress_bar("measuring sensitivity") as update:
         plan, scores = make_plan(model, method, list(budgets), images, seed=seed, latency=latency_table,
                                  model_name=model_name, quant_method=quant_method, w_bits=w_bits, a_bits=a_bits,
-                                 progress=lambda done, total, _layer: update(done, total))
+                                 progress=lambda done, total, _layer: update(done, total), device=device)
     write_plan(plan, out)
     metrics = plan_metrics(plan, layer_costs(model), latency=latency_table)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -325,9 +340,10 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
 @click.option("--log2/--no-log2", default=None, help="Ablation: log√2 (as log2) quantizer for post-Softmax activations.")
 @click.option("--clip/--no-clip", default=None, help="Ablation: LRP-QViT clipping of post-LayerNorm channel ranges.")
 @reconstruction_options
+@device_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where q.safetensors goes.")
 def quantize_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, bits, plan_path, method,
-                     reparam, log2, clip, reconstruct, recon_iters, out) -> None:
+                     reparam, log2, clip, reconstruct, recon_iters, device, out) -> None:
     """Calibrate and quantize a model with uniform bits or a bit plan; write q.safetensors."""
     import warnings
 
@@ -351,7 +367,7 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the synthetic-calibration warning was printed above
         qmodel = quantize(model, images, plan, method=method, progress=lambda d, t, _what: update(d, t),
-                          reconstruction=reconstruction, **switches)
+                          reconstruction=reconstruction, device=device, **switches)
     written = save_quantized(qmodel, out)
     click.echo(f"quantized {model_name} ({method}, {plan.provenance.get('spec') or plan_path}) → {written}")
 
@@ -371,6 +387,7 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
 @quant_method_option()
 @click.option("--float", "float_model", is_flag=True, help="Build the unquantized model (float kernels).")
 @reconstruction_options
+@device_option
 @click.option("--target", required=True, metavar="NAME|TAG|JSON",
               help="A board from `edgeq targets`, a TVM tag, or a JSON target.")
 @click.option("--out", type=click.Path(path_type=Path),
@@ -382,7 +399,8 @@ def quantize_command(model_name, checkpoint, random_init, calib, calib_count, ca
 @click.option("--tuning-db", type=click.Path(path_type=Path),
               help="MetaSchedule database from `edgeq tune` (e.g. build/NAME.tuning): tuned float-op schedules.")
 def build_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, bits, plan_path, method,
-                  float_model, reconstruct, recon_iters, target, out, eval_data, eval_limit, tuning_db) -> None:
+                  float_model, reconstruct, recon_iters, device, target, out, eval_data, eval_limit,
+                  tuning_db) -> None:
     """Quantize, lower to integer kernels and compile for a board: writes an artifact directory."""
     from edgeq.compile.artifact import load_artifact
     from edgeq.compile.build import BuildConfig, build_artifact, is_reference
@@ -395,7 +413,7 @@ def build_command(model_name, checkpoint, random_init, calib, calib_count, calib
     config = BuildConfig(target=target, model=model_name, checkpoint=str(checkpoint) if checkpoint else None,
                          random_init=random_init, calib=calib, calib_count=calib_count, calib_seed=calib_seed,
                          bits=bits, plan=str(plan_path) if plan_path else None, method=method,
-                         float_model=float_model, reconstruct=reconstruct, recon_iters=recon_iters,
+                         float_model=float_model, reconstruct=reconstruct, recon_iters=recon_iters, device=device,
                          eval_data=eval_data, eval_limit=eval_limit,
                          tuning_db=str(tuning_db) if tuning_db else None)
     if calib is None and not float_model and not is_reference(model_name):

@@ -106,6 +106,12 @@ class UnsupportedModelError(EdgeqError):
     exit_code = 23
 
 
+class DeviceUnavailableError(EdgeqError):
+    """``--device`` names a torch device this machine does not have (e.g. cuda without a GPU) or no device at all."""
+
+    exit_code = 24
+
+
 class PlanningError(EdgeqError):
     """Unknown planning method, malformed budget, or a latency table that does not fit."""
 

@@ -76,6 +76,7 @@ class BuildConfig:
     float_model: bool = False            # build the unquantized model
     reconstruct: str = "none"            # block reconstruction after calibration: none | adaround | auto
     recon_iters: Optional[int] = None    # None: ReconstructionConfig's default
+    device: Optional[str] = None         # where calibration and reconstruction run (edgeq.quant.device); None: cpu
     eval_data: Optional[str] = None      # None: the reference models' CIFAR-10 val set, else no accuracy
     eval_limit: Optional[int] = DEFAULT_EVAL_LIMIT  # 0: skip the accuracy stage
     golden_count: int = GOLDEN_COUNT
@@ -212,7 +213,7 @@ def quantize_model(config: BuildConfig, model, plan, images, progress: Optional[
     reconstruction = resolve_reconstruction(config.reconstruct, plan, config.recon_iters)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SyntheticCalibrationWarning)  # the manifest says "synthetic"
-        return quantize(model, images, plan, method=config.method, reconstruction=reconstruction,
+        return quantize(model, images, plan, method=config.method, reconstruction=reconstruction, device=config.device,
                         progress=lambda done, total, _what: _say(progress, "quantizing", done, total))
 
 

@@ -142,9 +142,11 @@ def layer_objective(
     a_bits: Sequence[int] = DEFAULT_A_BITS,
     progress: Callable[[int, int, str], None] | None = None,
     sensitivity_reconstruct: str = "none",
+    device: str | torch.device | None = None,
 ) -> LayerObjective:
     """Score (``lrp``, ``nuclear``) or measure (``sensitivity``, ``mix``) the layers of ``model`` on ``images``
-    (``sensitivity_reconstruct``: see :func:`measure_sensitivity`'s ``reconstruct``)."""
+    (``sensitivity_reconstruct``: see :func:`measure_sensitivity`'s ``reconstruct``; ``device``: where its trials
+    run)."""
     check_method(method)
     if method == "random":
         raise PlanningError("the random control has no layer objective: use random_plan")
@@ -152,7 +154,7 @@ def layer_objective(
         score = lrp_scores if method == "lrp" else nuclear_scores
         return LayerObjective(method, score(model, images, include_matmuls=include_matmuls))
     table = measure_sensitivity(model, images, method=quant_method, w_bits=w_bits, a_bits=a_bits, progress=progress,
-                                reconstruct=sensitivity_reconstruct)
+                                reconstruct=sensitivity_reconstruct, device=device)
     damage, scores = table.damage(), table.scores()
     info: dict[str, Any] = {"sensitivity": {**{k: v for k, v in table.info.items() if k != "key"},
                                             "quant_method": quant_method}}
@@ -180,6 +182,7 @@ def make_plan(
     options: AllocationOptions | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     sensitivity_reconstruct: str = "none",
+    device: str | torch.device | None = None,
     **overrides: Any,
 ) -> tuple[BitPlan, dict[str, float]]:
     """Score ``model``'s layers with ``method`` and allocate bits under ``budgets``.
@@ -191,7 +194,7 @@ def make_plan(
     (as :func:`edgeq.quant.quantize`'s ``method``). ``options``/``overrides``:
     :class:`AllocationOptions` (candidate widths, latency table, model name...).
     ``progress(done, total, layer)`` follows the sensitivity trials; ``sensitivity_reconstruct``
-    "gptq" makes them measure GPTQ-rounded layers (:func:`measure_sensitivity`).
+    "gptq" makes them measure GPTQ-rounded layers (:func:`measure_sensitivity`); ``device``: where they run.
     """
     check_method(method)
     budget_list = parse_budgets(budgets)  # malformed budgets fail before any model work
@@ -215,5 +218,5 @@ def make_plan(
         allocate(costs, budget_list, scores=dict.fromkeys(costs, 1.0), options=opts)
     objective = layer_objective(model, method, images, include_matmuls=include_matmuls, quant_method=quant_method,
                                 w_bits=opts.w_bits, a_bits=opts.a_bits, progress=progress,
-                                sensitivity_reconstruct=sensitivity_reconstruct)
+                                sensitivity_reconstruct=sensitivity_reconstruct, device=device)
     return objective.allocate(costs, budget_list, options=opts, provenance=extra), objective.scores

@@ -215,16 +215,16 @@ def _quantized_layer(work: nn.Module, spec: LayerSpec, captured: tuple[torch.Ten
     calibration = Calibration(config=config, total=1)
     with torch.no_grad():
         if spec.kind == "matmul":
-            module = QuantMatMul.for_calibration(spec, calibration)
+            module = QuantMatMul.for_calibration(spec, calibration).to(captured[0].device)
             module(*captured)
             return {spec.name: module}
         original = work.get_submodule(spec.name)
         if spec.kind == "conv":
-            module = QuantConv2d.from_float(original, spec, spec.a_bits, calibration)
+            module = QuantConv2d.from_float(original, spec, spec.a_bits, calibration).to(captured[0].device)
             module(captured[0])
             return {spec.name: module}
         norm = copy.deepcopy(work.get_submodule(spec.norm)) if spec.norm else None
-        module = QuantLinear.from_float(original, spec, calibration, norm)
+        module = QuantLinear.from_float(original, spec, calibration, norm).to(captured[0].device)
         module(captured[0])
     return {spec.name: module, **({spec.norm: norm} if norm is not None else {})}
 
@@ -296,6 +296,7 @@ def measure_sensitivity(
     cache: bool = True,
     progress: Progress | None = None,
     reconstruct: str = "none",
+    device: str | torch.device | None = None,
     **quant_options: Any,
 ) -> SensitivityTable:
     """Damage of quantizing each layer alone at each candidate width (module docstring).
@@ -308,7 +309,11 @@ def measure_sensitivity(
     images (the Hessian of the layer's quantized input, with every other layer
     float), so the table measures reconstructed layers; "none" (the default)
     measures round-to-nearest, the cheaper proxy (README: the two rank layers alike).
+    ``device``: where the trials run (:func:`edgeq.quant.device.resolve_device`).
     """
+    from edgeq.quant.device import resolve_device
+
+    device = resolve_device(device)
     if reconstruct not in ("none", "gptq"):
         raise PlanningError(f"sensitivity trials reconstruct with none or gptq, not {reconstruct!r}")
     check_supported(model)
@@ -334,9 +339,10 @@ def measure_sensitivity(
 
     top = BitPlan.uniform(max(w_bits), max(a_bits))
     specs = layer_specs(model, top, config)
-    work = _explicit_float_copy(model)
-    captured = _capture_inputs(work, list(specs), images[calibrate_idx])
-    held = images[held_idx]
+    work = _explicit_float_copy(model).to(device)
+    calibrate_images = images[calibrate_idx].to(device)
+    captured = _capture_inputs(work, list(specs), calibrate_images)
+    held = images[held_idx].to(device)
     reference = F.log_softmax(_logits(work, held, batch_size).double(), dim=-1)
 
     kinds, kl, agreement = {}, {}, {}
@@ -348,7 +354,7 @@ def measure_sensitivity(
             modules = _quantized_layer(work, _spec_at(spec, w, a), captured[name], config)
             with _installed(work, modules):
                 if reconstruct == "gptq" and spec.kind != "matmul":
-                    _gptq_round(work, modules[name], images[calibrate_idx], batch_size)
+                    _gptq_round(work, modules[name], calibrate_images, batch_size)
                 kl[name][(w, a)], agreement[name][(w, a)] = _damage(reference, _logits(work, held, batch_size))
             done += 1
             if progress is not None:

@@ -14,6 +14,7 @@ from edgeq.bitplan import BitPlan
 from edgeq.errors import CalibrationError
 from edgeq.quant.config import MIN_CALIBRATION_IMAGES, QuantConfig
 from edgeq.quant.convert import check_supported, convert, layer_specs, quantizable_layers
+from edgeq.quant.device import resolve_device
 from edgeq.quant.modules import Calibration, QuantMatMul, _QuantWeighted
 from edgeq.quant.qmodel import FORMAT, FORMAT_VERSION, QuantizedModel
 from edgeq.quant.reconstruct import ReconstructionConfig, check_reconstruction_images, reconstruct, reconstruction_units
@@ -66,6 +67,7 @@ def quantize(
     config: Optional[QuantConfig] = None,
     reconstruction: Optional[ReconstructionConfig] = None,
     cache: bool = True,
+    device: str | torch.device | None = None,
     **options: Any,
 ) -> QuantizedModel:
     """Quantize a copy of ``model`` (left untouched) with ``plan`` by ``method``.
@@ -77,8 +79,10 @@ def quantize(
     whole. ``progress(done, total, what)`` is called as calibration (and reconstruction) advances.
     ``reconstruction``: block reconstruction after calibration (``edgeq.quant.reconstruct``); its
     result is cached under the edgeq cache, keyed by model, images, method, options and plan, unless
-    ``cache`` is False.
+    ``cache`` is False. ``device``: where calibration and reconstruction run (:func:`resolve_device`: cpu,
+    cuda[:N], auto); the quantized model is returned on the CPU either way.
     """
+    device = resolve_device(device)
     if config is None:
         config = QuantConfig.for_method(method, **options)
     elif options:
@@ -96,7 +100,7 @@ def quantize(
         check_reconstruction_images(int(calib_data.shape[0]))
 
     float_model = model
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     specs = layer_specs(model, plan, config)
@@ -112,7 +116,7 @@ def quantize(
         data = synthesize_calibration(
             model, expected, count=config.synthetic_images, steps=config.synthetic_steps, seed=config.seed,
             progress=(lambda done, _t, what: progress(done, total, what)) if progress else None,
-        )
+        ).cpu()
         source = "synthetic"
     else:
         data = check_calibration_data(calib_data, expected)
@@ -132,7 +136,7 @@ def quantize(
         recon_steps = len(reconstruction_units(model, list(specs))) * reconstruction.iters
         calibration.total += recon_steps
     with torch.no_grad():
-        out = model(data)
+        out = model(data.to(device))
     pending = [name for name, m in model.named_modules()
                if isinstance(m, (_QuantWeighted, QuantMatMul)) and m._pending is not None]
     if pending:
@@ -164,9 +168,11 @@ def quantize(
     qmodel = QuantizedModel(model, metadata)
     if reconstruction is not None:
         offset = synth_steps + len(specs)
-        reconstruct(float_model, qmodel, data, reconstruction,
+        reconstruct(float_model, qmodel, data.to(device), reconstruction,
                     progress=(lambda done, _t, what: progress(offset + done, offset + recon_steps, what))
                     if progress else None)
+    model.to("cpu")
+    if reconstruction is not None:
         if cache_entry is not None:
             from edgeq.quant.io import save_quantized
 

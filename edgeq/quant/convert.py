@@ -144,6 +144,8 @@ def convert(model: nn.Module, specs: dict[str, LayerSpec], calibration: Optional
     With ``calibration`` the modules calibrate on the next forward pass; without, they are empty
     shells waiting for saved tensors.
     """
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else None  # new modules start on the CPU: they follow the model
     walked = dict(_walk(model))
     if set(walked) != set(specs):
         missing = sorted(set(walked) - set(specs)) or sorted(set(specs) - set(walked))
@@ -170,3 +172,5 @@ def convert(model: nn.Module, specs: dict[str, LayerSpec], calibration: Optional
                                QuantMatMul.for_calibration(av, calibration))
             else:
                 swap_attention(module, QuantMatMul(qk), QuantMatMul(av))
+    if device is not None:
+        model.to(device)

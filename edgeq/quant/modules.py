@@ -169,6 +169,13 @@ class _QuantWeighted(nn.Module):
     def name(self) -> str:
         return self.spec.name
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the reconstruction-only float weight with the buffers
+        super()._apply(fn, recurse)
+        if self.float_weight is not None:
+            self.float_weight = fn(self.float_weight)
+        return self
+
     def dequantized_weight(self) -> torch.Tensor:
         shape = (-1,) + (1,) * (self.weight_int.dim() - 1)
         zp = self.weight_zero_point.to(torch.float32).view(shape)
@@ -263,7 +270,8 @@ class QuantLinear(_QuantWeighted):
     def from_float(cls, linear: nn.Linear, spec: LayerSpec, calibration: Calibration,
                    norm: Optional[nn.LayerNorm] = None) -> "QuantLinear":
         module = cls(linear.in_features, linear.out_features, spec)
-        bias = linear.bias.detach().clone() if linear.bias is not None else torch.zeros(linear.out_features)
+        bias = linear.bias.detach().clone() if linear.bias is not None else \
+            torch.zeros(linear.out_features, device=linear.weight.device)
         module._pending = _Pending(calibration, linear.weight.detach().clone(), bias, norm)
         return module
 
@@ -292,7 +300,8 @@ class QuantConv2d(_QuantWeighted):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, spec: LayerSpec, input_bits: int, calibration: Calibration) -> "QuantConv2d":
         module = cls(conv, spec, input_bits)
-        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        bias = conv.bias.detach().clone() if conv.bias is not None else \
+            torch.zeros(conv.out_channels, device=conv.weight.device)
         module._pending = _Pending(calibration, conv.weight.detach().clone(), bias)
         return module
 
@@ -350,7 +359,7 @@ def _matching_slices(a: torch.Tensor, b: torch.Tensor, limit: int, seed: int) ->
     a3 = a.reshape(-1, *a.shape[-2:]).float()
     b3 = b.expand(*a.shape[:-2], *b.shape[-2:]).reshape(-1, *b.shape[-2:]).float()
     if a3.shape[0] > limit:
-        keep = torch.randperm(a3.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
+        keep = torch.randperm(a3.shape[0], generator=torch.Generator().manual_seed(seed))[:limit].to(a3.device)
         a3, b3 = a3[keep], b3[keep]
     return a3, b3
 

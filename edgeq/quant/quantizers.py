@@ -72,14 +72,14 @@ def _subsample(flat: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     if flat.numel() <= limit:
         return flat
     gen = torch.Generator().manual_seed(seed)
-    return flat[torch.randperm(flat.numel(), generator=gen)[:limit]]
+    return flat[torch.randperm(flat.numel(), generator=gen)[:limit].to(flat.device)]
 
 
 def subsample_rows(x2d: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     if x2d.shape[0] <= limit:
         return x2d
     gen = torch.Generator().manual_seed(seed)
-    return x2d[torch.randperm(x2d.shape[0], generator=gen)[:limit]]
+    return x2d[torch.randperm(x2d.shape[0], generator=gen)[:limit].to(x2d.device)]
 
 
 def _sorted_at(sorted_x: torch.Tensor, p: float) -> torch.Tensor:

@@ -223,7 +223,7 @@ class _Dropping:
     def __call__(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         if not self.on or self.prob == 0.0:
             return x_hat
-        keep_float = torch.rand(x.shape, generator=self.generator) < self.prob
+        keep_float = (torch.rand(x.shape, generator=self.generator) < self.prob).to(x.device)
         return torch.where(keep_float, x, x_hat)
 
 
@@ -333,7 +333,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) == 0  # inputs that were always 0: their weights never matter
     h[dead, dead] = 1.0
-    h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype)
+    h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     s, z = scale.to(torch.float64), zero.to(torch.float64)
     codes = torch.empty_like(w)
@@ -428,7 +428,7 @@ def _reconstruct_unit(name: str, unit: nn.Module, x_q: torch.Tensor, x_fp: torch
     try:
         dropping.on = True
         for it in range(config.iters):
-            idx = torch.randint(count, (batch,), generator=generator)
+            idx = torch.randint(count, (batch,), generator=generator).to(x_q.device)
             xb = dropping(x_fp[idx], x_q[idx])
             loss = output_error(unit(xb), target[idx])
             if it >= warm:
@@ -470,7 +470,7 @@ def reconstruct(float_model: nn.Module, qmodel, images: torch.Tensor, config: Re
     """
     check_reconstruction_images(int(images.shape[0]))
     started = time.perf_counter()
-    float_model = copy.deepcopy(float_model).eval()
+    float_model = copy.deepcopy(float_model).to(images.device).eval()
     model = qmodel.model.eval()
     units = reconstruction_units(model, list(qmodel.metadata["layers"]))
     generator = torch.Generator().manual_seed(config.seed)

@@ -105,7 +105,7 @@ def fold_norm_affine(weight: torch.Tensor, bias: torch.Tensor, fold: Fold) -> tu
 def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, fold: Fold) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') of the Linear that reads the folded LayerNorm."""
     if bias is None:
-        bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     return weight * fold.r1, bias - weight @ fold.shift
 
 

@@ -30,8 +30,9 @@ def _similarity_entropy(tokens: torch.Tensor, generator: torch.Generator) -> tor
     if rows.numel() > _MAX_PAIRS:
         keep = torch.randperm(rows.numel(), generator=generator)[:_MAX_PAIRS]
         rows, cols = rows[keep], cols[keep]
-    values = sim[:, rows, cols]                                      # B, P
-    density = torch.exp(-0.5 * ((_GRID.view(1, -1, 1) - values.unsqueeze(1)) / _BANDWIDTH) ** 2).mean(-1)
+    values = sim[:, rows.to(sim.device), cols.to(sim.device)]       # B, P
+    grid = _GRID.to(values.device).view(1, -1, 1)
+    density = torch.exp(-0.5 * ((grid - values.unsqueeze(1)) / _BANDWIDTH) ** 2).mean(-1)
     density = density / density.sum(-1, keepdim=True).clamp_min(1e-12)
     return -(density * density.clamp_min(1e-12).log()).sum(-1).mean()
 
@@ -52,12 +53,15 @@ def synthesize_calibration(
     lr: float = 0.1,
     progress: Optional[Callable[[int, int, str], None]] = None,
 ) -> torch.Tensor:
-    """``count`` synthetic, already normalized images of ``input_size`` (C, H, W)."""
+    """``count`` synthetic, already normalized images of ``input_size`` (C, H, W), on the model's device (the
+    random draws are the CPU's, so a seed gives the same start on every device)."""
     generator = torch.Generator().manual_seed(seed)
-    low, high = _input_bounds(model, input_size[0])
-    images = torch.randn((count, *input_size), generator=generator).clamp(low, high).requires_grad_(True)
+    device = next(model.parameters()).device
+    low, high = (bound.to(device) for bound in _input_bounds(model, input_size[0]))
+    images = torch.randn((count, *input_size), generator=generator).to(device)
+    images = images.clamp(low, high).requires_grad_(True)
     num_classes = getattr(model, "num_classes", 0) or 0
-    targets = torch.randint(num_classes, (count,), generator=generator) if num_classes > 0 else None
+    targets = torch.randint(num_classes, (count,), generator=generator).to(device) if num_classes > 0 else None
 
     blocks = [m for m in model.modules() if isinstance(m, (Block, SwinTransformerBlock))]
     captured: list[torch.Tensor] = []
@@ -74,7 +78,7 @@ def synthesize_calibration(
             captured.clear()
             optimizer.zero_grad()
             logits = model(images)
-            loss = torch.zeros(())
+            loss = torch.zeros((), device=device)
             for out in captured:
                 tokens = out[:, prefix:] if out.dim() == 3 else out
                 loss = loss - _similarity_entropy(tokens, generator) / max(len(captured), 1)
