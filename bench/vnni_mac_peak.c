@@ -46,22 +46,17 @@ static void print_cpu(void) {
 #define FMA(a) "vfmadd231ps %%zmm14, %%zmm15, %%zmm" #a "\n\t"
 #define TWELVE(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11)
 
+/* thread CPU nanoseconds of `rounds` loops of twelve `op`s */
+#define TIME_LOOP(op, rounds) ({                                                          \
+    double start_ = thread_seconds();                                                      \
+    for (long i_ = 0; i_ < (rounds); i_++) __asm__ volatile(TWELVE(op) ::: "memory");      \
+    (thread_seconds() - start_) * 1e9; })
+
 int main(void) {
     const long rounds = 20000000;
-    double start, ns[4];
     print_cpu();
-    start = thread_seconds();
-    for (long i = 0; i < rounds; i++) __asm__ volatile(TWELVE(DPBUSD) ::: "memory");
-    ns[0] = (thread_seconds() - start) * 1e9;
-    start = thread_seconds();
-    for (long i = 0; i < rounds; i++) __asm__ volatile(TWELVE(UBSW_ADDW) ::: "memory");
-    ns[1] = (thread_seconds() - start) * 1e9;
-    start = thread_seconds();
-    for (long i = 0; i < rounds; i++) __asm__ volatile(TWELVE(MADDWD_ADDD) ::: "memory");
-    ns[2] = (thread_seconds() - start) * 1e9;
-    start = thread_seconds();
-    for (long i = 0; i < rounds; i++) __asm__ volatile(TWELVE(FMA) ::: "memory");
-    ns[3] = (thread_seconds() - start) * 1e9;
+    double ns[4] = {TIME_LOOP(DPBUSD, rounds), TIME_LOOP(UBSW_ADDW, rounds), TIME_LOOP(MADDWD_ADDD, rounds),
+                    TIME_LOOP(FMA, rounds)};
     const char* names[4] = {"int8 vpdpbusd zmm", "int8 vpmaddubsw+vpaddw zmm", "int16 vpmaddwd+vpaddd zmm",
                             "fp32 vfmadd231ps zmm"};
     const int macs[4] = {64, 64, 32, 16};
