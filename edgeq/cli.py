@@ -289,9 +289,12 @@ def eval_command(model_name: str, checkpoint: Path | None, random_init: bool, da
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the bit plan (JSON) goes.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw per-layer scores and chosen bits (PNG).")
+@click.option("--trial-reconstruct", type=click.Choice(["none", "gptq"]), default="none", show_default=True,
+              help="sensitivity/mix: round each trial layer with GPTQ, so the damage is that of a reconstructed "
+                   "layer (better 3-bit plans for reconstructed models, README; none: round to nearest).")
 @device_option
 def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_seed, method, quant_method, budgets,
-                 latency_table, w_bits, a_bits, seed, out, plot, device) -> None:
+                 latency_table, w_bits, a_bits, seed, out, plot, trial_reconstruct, device) -> None:
     """Choose per-layer bit widths under a budget and write a bit plan."""
     from edgeq.bitplan import write_plan
     from edgeq.plan import check_method, make_plan, parse_budgets, plan_metrics, plot_plan, layer_costs
@@ -317,7 +320,8 @@ def plan_command(model_name, checkpoint, random_init, calib, calib_count, calib_
     with progress_bar("measuring sensitivity") as update:
         plan, scores = make_plan(model, method, list(budgets), images, seed=seed, latency=latency_table,
                                  model_name=model_name, quant_method=quant_method, w_bits=w_bits, a_bits=a_bits,
-                                 progress=lambda done, total, _layer: update(done, total), device=device)
+                                 progress=lambda done, total, _layer: update(done, total), device=device,
+                                 sensitivity_reconstruct=trial_reconstruct)
     write_plan(plan, out)
     metrics = plan_metrics(plan, layer_costs(model), latency=latency_table)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())

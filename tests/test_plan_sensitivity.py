@@ -169,6 +169,11 @@ def test_sensitivity_and_mix_plans(method, images, single_thread):
     assert chosen <= predicted(lambda name: (4, 8)) + 1e-9
     if method == "mix":
         assert info["mix_formula"] == "damage_l(w, a) * (1 + r_l / mean(r)) / 2" and info["relevance"]
+    assert "reconstruct" not in info["sensitivity"]
+    rounded, _ = make_plan(model, method, "avg-bits=4", images, input_size=(3, 16, 16), w_bits=W_BITS,
+                           a_bits=A_BITS, sensitivity_reconstruct="gptq")
+    assert rounded.provenance["sensitivity"]["reconstruct"] == "gptq"
+    assert rounded.provenance["damage"] != info["damage"]
 
 
 # --------------------------------------------------------------------------- command line: bad input
